@@ -1,0 +1,1 @@
+"""A RunPod serverless worker serving an LLM with vLLM (and LMCache), OpenAI-compatible."""

@@ -1,0 +1,301 @@
+"""The vLLM engine behind the worker: the only module that imports vllm (lazily, in ``start``).
+
+In: :class:`~handler.settings.Settings`, turned into ``vllm serve`` arguments and parsed by vLLM's
+own parser, so every ``vllm serve`` flag works as an environment variable (``TENSOR_PARALLEL_SIZE``
+for ``--tensor-parallel-size``). vLLM's ``AsyncLLM`` and its OpenAI serving layer (chat,
+completions, models, with their chat templates, tool and reasoning parsers) are built once.
+
+They live on an event loop of their own, in a thread: vLLM binds its objects to the loop that
+built them, while runpod runs jobs on a loop it makes later (and uvicorn, under
+``--rp_serve_api``, on another). :meth:`VllmEngine.serve` may be awaited from any loop; a streamed
+answer is carried across as SSE strings, and closing or cancelling it aborts the vLLM request.
+
+Out: a response dict, or an async iterator of SSE events. Errors: vLLM's error answers become
+:class:`~handler.errors.EngineError` with vLLM's status and type; a malformed argument raises
+:class:`~handler.settings.SettingsError` naming the variable; a dead engine raises EngineDead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import shlex
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from handler.errors import EngineDead, NotFound, from_validation_error
+from handler.protocol import EngineCall, EngineReply
+from handler.settings import Settings, SettingsError, env_names
+from handler.streaming import engine_error
+
+log = logging.getLogger("handler.engine")
+T = TypeVar("T")
+
+# Flags the worker sets from its own settings; the variable to use instead of each.
+_OWNED_FLAGS = {
+    "--model": "MODEL_NAME",
+    "--revision": "MODEL_REVISION",
+    "--tokenizer": "TOKENIZER_NAME",
+    "--served-model-name": "OPENAI_SERVED_MODEL_NAME_OVERRIDE",
+    "--max-model-len": "MAX_MODEL_LEN",
+    "--dtype": "DTYPE",
+    "--kv-cache-memory-bytes": "KV_CACHE_GB",
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_HEALTH_POLL_S = 0.5
+
+
+def owned_args(settings: Settings) -> list[str]:
+    """The ``vllm serve`` arguments that come from the worker's own settings."""
+    argv = ["--model", settings.model, "--served-model-name", settings.model_id,
+            "--dtype", settings.dtype]
+    optional = {
+        "--revision": settings.model_revision,
+        "--tokenizer": settings.tokenizer,
+        "--max-model-len": settings.max_model_len,
+        "--kv-cache-memory-bytes": (
+            int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb else None
+        ),
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def passthrough_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> list[str]:
+    """``vllm serve`` arguments for the variables named like one of its flags."""
+    actions = {opt: action for action in parser._actions for opt in action.option_strings}
+    argv: list[str] = []
+    for name in sorted(env):
+        flag = "--" + name.lower().replace("_", "-")
+        action = actions.get(flag)
+        if action is None:
+            continue
+        if flag in _OWNED_FLAGS:
+            raise SettingsError(f"{name}: set {_OWNED_FLAGS[flag]} instead")
+        argv += _flag_args(name, flag, action, env[name])
+    return argv
+
+
+def _flag_args(name: str, flag: str, action: argparse.Action, value: str) -> list[str]:
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        lowered = value.strip().lower()
+        if lowered not in _TRUE | _FALSE:
+            raise SettingsError(f"{name}={value!r}: expected true or false")
+        if lowered in _TRUE:
+            return [flag]
+        return ["--no-" + flag[2:]] if isinstance(action, argparse.BooleanOptionalAction) else []
+    if action.nargs in ("+", "*"):
+        return [flag, *shlex.split(value)]
+    return [flag, value]
+
+
+def build_args(settings: Settings) -> argparse.Namespace:
+    """Parse the settings with vLLM's own ``vllm serve`` parser; errors name the variable."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    base = owned_args(settings)
+    _parse(parser, base, "the model settings (" + ", ".join(sorted(env_names())) + ")")
+    extra: list[str] = []
+    for name in sorted(settings.engine_passthrough):
+        one = passthrough_args(parser, {name: settings.engine_passthrough[name]})
+        if one:
+            _parse(parser, base + one, f"{name}={settings.engine_passthrough[name]!r}")
+            extra += one
+    args = _parse(parser, base + extra, "the engine settings")
+    validate_parsed_serve_args(args)
+    return args
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], what: str) -> argparse.Namespace:
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parser.parse_args(argv)
+    except SystemExit:
+        detail = stderr.getvalue().strip().splitlines()
+        raise SettingsError(f"invalid {what}: {detail[-1] if detail else 'rejected by vLLM'}") from None
+
+
+class _Bridge:
+    """Markers carried from the engine loop to the job's loop."""
+
+    END = object()
+
+    class Failure:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+
+class VllmEngine:
+    """vLLM's AsyncLLM and OpenAI serving layer on a dedicated event-loop thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                 client: Any, state: Any, stack: contextlib.AsyncExitStack,
+                 on_dead: Callable[[], None]) -> None:
+        self._loop, self._thread = loop, thread
+        self._client, self._state, self._stack = client, state, stack
+        self._on_dead = on_dead
+        self._dead = False
+        self._closed = False
+
+    @classmethod
+    def start(cls, settings: Settings, on_dead: Callable[[], None] = lambda: None) -> VllmEngine:
+        """Build the engine and its serving layer; returns once it can take requests."""
+        started = time.perf_counter()
+        args = build_args(settings)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="vllm-engine-loop", daemon=True)
+        thread.start()
+        try:
+            client, state, stack = asyncio.run_coroutine_threadsafe(_open(args), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            raise
+        engine = cls(loop, thread, client, state, stack, on_dead)
+        asyncio.run_coroutine_threadsafe(engine._watch_health(), loop)
+        log.info("engine ready in %.1f s (model %s)", time.perf_counter() - started,
+                 settings.model_id)
+        return engine
+
+    @property
+    def dead(self) -> bool:
+        return self._dead or bool(self._client.errored)
+
+    def running_requests(self) -> int:
+        return int(self._client.get_num_unfinished_requests())
+
+    async def serve(self, call: EngineCall) -> EngineReply:
+        if self.dead:
+            raise EngineDead()
+        reply = await self._on_engine_loop(self._create(call))
+        if isinstance(reply, dict):
+            return reply
+        return self._relay(reply, call)
+
+    def shutdown(self) -> None:
+        """Stop the engine core processes and the loop thread; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._stack.aclose(), self._loop).result(timeout=60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        log.info("engine stopped")
+
+    async def _on_engine_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    async def _create(self, call: EngineCall) -> dict[str, Any] | AsyncIterator[str]:
+        """Runs on the engine loop: validate with vLLM's request model, then call its server."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        if call.route == "/v1/models":
+            listing = await self._state.openai_serving_models.show_available_models()
+            return dict(listing.model_dump(mode="json"))
+        request_cls, create = self._endpoint(call.route)
+        try:
+            request = request_cls.model_validate(dict(call.body))
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        try:
+            result = await create(request, None)
+        except Exception as exc:  # vLLM raises what its HTTP layer would turn into an error
+            result = create_error_response(exc)
+        if isinstance(result, ErrorResponse):
+            raise engine_error(result.error.model_dump())
+        if isinstance(result, BaseModel):
+            return dict(result.model_dump(mode="json"))
+        return result  # type: ignore[no-any-return]
+
+    def _endpoint(self, route: str) -> tuple[type[BaseModel], Callable[..., Any]]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        if route == "/v1/chat/completions":
+            serving, cls, name = self._state.openai_serving_chat, ChatCompletionRequest, "chat"
+            method = "create_chat_completion"
+        else:
+            serving, cls, name = self._state.openai_serving_completion, CompletionRequest, "text"
+            method = "create_completion"
+        if serving is None:
+            raise NotFound(f"the served model does not support {name} completions ({route})")
+        return cls, getattr(serving, method)
+
+    async def _relay(self, events: AsyncIterator[str], call: EngineCall) -> AsyncIterator[str]:
+        """Carry a stream from the engine loop to the caller's loop; abort it if left early."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def deliver(item: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        pump = asyncio.run_coroutine_threadsafe(_pump(events, deliver), self._loop)
+        try:
+            while (item := await queue.get()) is not _Bridge.END:
+                if isinstance(item, _Bridge.Failure):
+                    raise item.exc
+                yield item  # type: ignore[misc]
+        finally:
+            if not pump.done():
+                await self._abort(pump, call)
+
+    async def _abort(self, pump: Future[None], call: EngineCall) -> None:
+        pump.cancel()
+        ids = [f"chatcmpl-{call.request_id}", f"cmpl-{call.request_id}"]
+        done = asyncio.run_coroutine_threadsafe(self._client.abort(ids), self._loop)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), timeout=5)
+        log.info("aborted engine request %s", call.request_id)
+
+    async def _watch_health(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(_HEALTH_POLL_S)
+            if self._client.errored and not self._closed:
+                self._dead = True
+                log.critical("the vLLM engine has died")
+                self._on_dead()
+                return
+
+
+async def _pump(events: AsyncIterator[str], deliver: Callable[[object], None]) -> None:
+    try:
+        async for event in events:
+            deliver(event)
+    except Exception as exc:
+        deliver(_Bridge.Failure(exc))
+    else:
+        deliver(_Bridge.END)
+
+
+async def _open(args: argparse.Namespace) -> tuple[Any, Any, contextlib.AsyncExitStack]:
+    """Runs on the engine loop: AsyncLLM, then vLLM's OpenAI serving objects, as `vllm serve`."""
+    from starlette.datastructures import State
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+    stack = contextlib.AsyncExitStack()
+    try:
+        client = await stack.enter_async_context(build_async_engine_client(args))
+        state = State()
+        await init_app_state(client, state, args, await client.get_supported_tasks())
+    except BaseException:
+        await stack.aclose()
+        raise
+    return client, state, stack

@@ -1,0 +1,178 @@
+"""The worker's settings: one typed object, built once from the environment at cold start.
+
+In: a mapping of environment variables (``os.environ`` in production, a plain dict in tests).
+Out: a frozen :class:`Settings`. Names follow RunPod's official vLLM worker where it has one
+(``MODEL_NAME``, ``MAX_MODEL_LEN``, ``OPENAI_SERVED_MODEL_NAME_OVERRIDE``, ``MAX_CONCURRENCY``, ...).
+Any other variable named like a ``vllm serve`` flag (``TENSOR_PARALLEL_SIZE`` for
+``--tensor-parallel-size``) is kept in :attr:`Settings.engine_passthrough` for the engine module,
+which checks it against vLLM's own argument parser.
+
+Errors: a malformed value raises :class:`SettingsError`, whose message names the variable.
+
+This is the only module that reads or writes ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Switches that keep every run on loopback: vLLM and LMCache usage telemetry, Hugging Face look-ups
+# for a local model. Applied with setdefault, so a deployment can still override them.
+TELEMETRY_OFF: dict[str, str] = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "LMCACHE_TRACK_USAGE": "false",
+}
+# The local entry points (local run, tests, benchmarks) also skip runpod's start-up fitness
+# checks, one of which opens a connection to a public DNS server.
+LOCAL_ONLY: dict[str, str] = {
+    "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+    "RUNPOD_SKIP_GPU_CHECK": "true",
+}
+
+# Environment variables that look like vLLM flags but belong to the shell, the container or
+# RunPod; they are never passed to the engine.
+_NOT_ENGINE_FLAGS = frozenset(
+    {"HOME", "PATH", "PWD", "SHELL", "TERM", "USER", "LANG", "HOSTNAME", "HOST", "PORT", "CONFIG"}
+)
+_FLAG_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+class Settings(BaseModel):
+    """Every knob of the worker. Field aliases are the environment variable names."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    model: str = Field(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        alias="MODEL_NAME",
+        description="Hugging Face repository id or local folder of the model to serve.",
+    )
+    model_revision: str | None = Field(
+        None, alias="MODEL_REVISION", description="Model revision (branch, tag or commit)."
+    )
+    tokenizer: str | None = Field(
+        None, alias="TOKENIZER_NAME", description="Tokenizer repository or folder, if not the model's."
+    )
+    served_model_name: str | None = Field(
+        None,
+        alias="OPENAI_SERVED_MODEL_NAME_OVERRIDE",
+        description="Name clients pass as `model`; defaults to MODEL_NAME.",
+    )
+    max_model_len: int | None = Field(
+        None, alias="MAX_MODEL_LEN", gt=0, description="Context length; defaults to the model's."
+    )
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
+        "auto", alias="DTYPE", description="Weight and activation dtype."
+    )
+    kv_cache_gb: float | None = Field(
+        None,
+        alias="KV_CACHE_GB",
+        gt=0,
+        description="KV cache size in GiB; unset: vLLM's default (GPU_MEMORY_UTILIZATION on GPU).",
+    )
+    max_concurrency: int = Field(
+        32, alias="MAX_CONCURRENCY", gt=0, description="Jobs one worker runs at once."
+    )
+    default_max_tokens: int = Field(
+        512,
+        alias="DEFAULT_MAX_TOKENS",
+        gt=0,
+        description="max_tokens for native jobs that give none (vLLM's own default is 16).",
+    )
+    stream_flush_interval_ms: float = Field(
+        50.0,
+        alias="STREAM_FLUSH_INTERVAL_MS",
+        ge=0,
+        description="Streamed chunks are merged into one yield (one POST to RunPod) for at most "
+        "this long; the first token is never held. 0 sends every chunk alone.",
+    )
+    engine_dead_grace_s: float = Field(
+        30.0,
+        alias="ENGINE_DEAD_GRACE_S",
+        gt=0,
+        description="After the engine dies, seconds the worker waits for in-flight jobs to report "
+        "their errors before it exits non-zero.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", alias="LOG_LEVEL", description="Log level of the worker's own logger."
+    )
+    engine_passthrough: dict[str, str] = Field(
+        default_factory=dict,
+        description="Other variables, passed to vLLM when named like one of its flags.",
+    )
+
+    @field_validator("model_revision", "tokenizer", "served_model_name", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def model_id(self) -> str:
+        """The name clients use for the base model."""
+        return self.served_model_name or self.model
+
+    @property
+    def flush_interval_s(self) -> float:
+        return self.stream_flush_interval_ms / 1000.0
+
+
+def env_names() -> dict[str, str]:
+    """Environment variable name -> field name, for every setting read from the environment."""
+    return {
+        field.alias: name
+        for name, field in Settings.model_fields.items()
+        if field.alias is not None
+    }
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build settings from an environment mapping; raise SettingsError naming a bad variable."""
+    names = env_names()
+    known = {alias: environ[alias] for alias in names if alias in environ}
+    passthrough = {
+        key: value
+        for key, value in environ.items()
+        if key not in names and key not in _NOT_ENGINE_FLAGS and _FLAG_NAME.match(key)
+    }
+    try:
+        return Settings.model_validate({**known, "engine_passthrough": passthrough})
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, known)) from None
+
+
+def _describe(exc: ValidationError, given: Mapping[str, str]) -> str:
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        shown = f"={given[name]!r}" if name in given else ""
+        lines.append(f"{name}{shown}: {error['msg']}")
+    return "invalid setting: " + "; ".join(lines)
+
+
+def apply_process_environment(extra: Mapping[str, str] | None = None) -> None:
+    """Set the telemetry switches (and ``extra``) in os.environ, keeping values already set.
+
+    Called once by an entry point before vLLM or runpod are imported.
+    """
+    for key, value in {**TELEMETRY_OFF, **(extra or {})}.items():
+        os.environ.setdefault(key, value)
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment, for the entry points."""
+    return os.environ

@@ -1,0 +1,206 @@
+"""Streaming to RunPod: batching of SSE events, and framing for the two job shapes.
+
+In production every value a handler yields is one HTTP POST to RunPod, and runpod's SDK awaits
+each POST before it pulls the next value. :func:`coalesce` therefore reads the engine's events in a
+task of its own and hands out batches: the first events at once (vLLM's chat stream opens with a
+role-only chunk, so the first token is the second event), later ones merged for up to the flush
+interval, and whatever piled up while a POST was in flight. A batch never splits an event, so no
+SSE event and no UTF-8 character is ever cut.
+
+Framing: :func:`sse_text` joins a batch for the OpenAI route (what an OpenAI client reads);
+:func:`chunk_dicts` parses it into OpenAI chunk dicts for the native shape and merges adjacent text
+deltas, so one POST carries one chunk. An ``error`` event inside a stream raises EngineError there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from handler.errors import EngineError
+
+DONE_EVENT = "data: [DONE]\n\n"
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _pump(source: AsyncIterator[str], queue: asyncio.Queue[object]) -> None:
+    try:
+        async for item in source:
+            queue.put_nowait(item)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # handed to the reader, which raises it in the job's task
+        queue.put_nowait(_Failure(exc))
+    else:
+        queue.put_nowait(_END)
+
+
+def _take_ready(queue: asyncio.Queue[object], batch: list[object]) -> None:
+    while not queue.empty() and not _is_last(batch[-1]):
+        batch.append(queue.get_nowait())
+
+
+def _is_last(item: object) -> bool:
+    return item is _END or isinstance(item, _Failure)
+
+
+async def _fill_until(queue: asyncio.Queue[object], batch: list[object], deadline: float,
+                      clock: Callable[[], float]) -> None:
+    """Add events to the batch until the deadline passes or the stream ends."""
+    while True:
+        _take_ready(queue, batch)
+        remaining = deadline - clock()
+        if _is_last(batch[-1]) or remaining <= 0:
+            return
+        try:
+            batch.append(await asyncio.wait_for(queue.get(), remaining))
+        except TimeoutError:
+            return
+
+
+async def coalesce(events: AsyncIterator[str], interval: float, *, immediate: int = 2,
+                   clock: Callable[[], float] = time.monotonic) -> AsyncIterator[list[str]]:
+    """Batches of consecutive events; each batch is one yield, hence one POST to RunPod.
+
+    ``interval`` <= 0 gives every event its own batch. Closing or cancelling the reader cancels the
+    task that reads ``events`` (which aborts the engine request behind it).
+    """
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    pump = asyncio.create_task(_pump(events, queue))
+    try:
+        sent, last_flush = 0, clock()
+        while True:
+            batch: list[object] = [await queue.get()]
+            if interval > 0 and sent >= immediate:
+                await _fill_until(queue, batch, last_flush + interval, clock)
+            elif interval > 0:
+                _take_ready(queue, batch)
+            events_out = [item for item in batch if isinstance(item, str)]
+            if events_out:
+                yield events_out
+                sent, last_flush = sent + len(events_out), clock()
+            if isinstance(batch[-1], _Failure):
+                raise batch[-1].exc
+            if batch[-1] is _END:
+                return
+    finally:
+        if not pump.done():
+            pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+
+
+def sse_text(batch: Iterable[str]) -> str:
+    """OpenAI route: the batch as the SSE text an OpenAI client reads."""
+    return "".join(batch)
+
+
+def parse_events(batch: Iterable[str]) -> list[dict[str, Any]]:
+    """SSE events as JSON objects, without the closing [DONE]; an error event raises."""
+    out: list[dict[str, Any]] = []
+    for event in batch:
+        for line in event.splitlines():
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:"):].strip()
+            if data == "[DONE]":
+                continue
+            value = json.loads(data)
+            if isinstance(value, dict) and isinstance(value.get("error"), dict):
+                raise engine_error(value["error"])
+            out.append(value)
+    return out
+
+
+def engine_error(info: dict[str, Any]) -> EngineError:
+    """An OpenAI error object from the engine as an EngineError."""
+    code = info.get("code")
+    return EngineError(
+        str(info.get("message") or "engine error"),
+        param=info.get("param") if isinstance(info.get("param"), str) else None,
+        status=code if isinstance(code, int) and 400 <= code < 600 else 500,
+        type=str(info.get("type") or "InternalServerError"),
+    )
+
+
+def chunk_dicts(batch: Iterable[str]) -> list[dict[str, Any]]:
+    """Native shape: the batch's chunks, adjacent text deltas merged into one chunk."""
+    merged: list[dict[str, Any]] = []
+    for chunk in parse_events(batch):
+        if merged and _mergeable(merged[-1], chunk):
+            merged[-1] = _merge(merged[-1], chunk)
+        else:
+            merged.append(chunk)
+    return merged
+
+
+_TEXT_KEYS = ("content", "reasoning_content", "reasoning", "text")
+_LIST_KEYS = ("content", "tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
+def _mergeable(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.get("id") != b.get("id") or not a.get("choices") or not b.get("choices"):
+        return False
+    if a.get("usage") and not b.get("usage"):
+        return False
+    a_index = {c.get("index"): c for c in a["choices"]}
+    for choice in b["choices"]:
+        prev = a_index.get(choice.get("index"))
+        if prev is not None and prev.get("finish_reason") is not None:
+            return False
+        if (choice.get("delta") or {}).get("tool_calls") or (prev or {}).get("delta", {}).get(
+            "tool_calls"
+        ):
+            return False
+    return True
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    choices = {c.get("index"): c for c in a["choices"]}
+    for choice in b["choices"]:
+        index = choice.get("index")
+        choices[index] = _merge_choice(choices[index], choice) if index in choices else choice
+    out = {**a, "choices": [choices[i] for i in sorted(choices, key=lambda i: i or 0)]}
+    if b.get("usage") is not None:
+        out["usage"] = b["usage"]
+    return out
+
+
+def _merge_choice(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    if "delta" in a or "delta" in b:
+        out["delta"] = _concat(a.get("delta") or {}, b.get("delta") or {})
+    if "text" in a or "text" in b:
+        out["text"] = (a.get("text") or "") + (b.get("text") or "")
+    out["logprobs"] = _merge_logprobs(a.get("logprobs"), b.get("logprobs"))
+    for key in ("finish_reason", "stop_reason"):
+        if b.get(key) is not None:
+            out[key] = b[key]
+    return out
+
+
+def _concat(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = {**b, **a}
+    for key in _TEXT_KEYS:
+        if a.get(key) is not None or b.get(key) is not None:
+            out[key] = (a.get(key) or "") + (b.get(key) or "")
+    return out
+
+
+def _merge_logprobs(a: Any, b: Any) -> Any:
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return a if b is None else b
+    out = dict(a)
+    for key in _LIST_KEYS:
+        if isinstance(a.get(key), list) and isinstance(b.get(key), list):
+            out[key] = a[key] + b[key]
+    return out

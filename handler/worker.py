@@ -1,0 +1,126 @@
+"""Cold start and lifecycle of the worker process (``python -m handler``).
+
+Order: environment switches, settings, logging, the vLLM engine (once), then
+``runpod.serverless.start`` with the async-generator handler, ``return_aggregate_stream`` and a
+``concurrency_modifier`` from settings. runpod's own flags (``--rp_serve_api``,
+``--rp_log_level``, ...) keep working.
+
+Exit: the engine and its processes are stopped however runpod returns (a drained SIGTERM, SIGINT,
+an error). If the engine dies, :class:`EngineWatch` asks runpod to stop taking jobs (the SIGTERM
+path runpod installs: in-flight jobs finish with a 503 error), and the process exits with status 1
+so RunPod replaces the worker; if that takes longer than ``ENGINE_DEAD_GRACE_S`` it exits anyway.
+A malformed setting exits with status 2 and a message that names the variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from handler.settings import (
+    Settings,
+    SettingsError,
+    apply_process_environment,
+    environment,
+    load_settings,
+)
+
+log = logging.getLogger("handler.worker")
+
+# runpod logs every yielded item, twice, at DEBUG (its default level).
+RUNPOD_LOG_DEFAULTS = {"RUNPOD_DEBUG_LEVEL": "INFO"}
+
+
+class EngineWatch:
+    """What happens when the engine dies: stop taking jobs, then exit non-zero."""
+
+    def __init__(self, grace_s: float, stop_taking_jobs: Callable[[], None],
+                 hard_exit: Callable[[int], None] = os._exit) -> None:
+        self._grace_s = grace_s
+        self._stop_taking_jobs = stop_taking_jobs
+        self._hard_exit = hard_exit
+        self._lock = threading.Lock()
+        self.triggered = False
+        self.before_exit: Callable[[], None] = lambda: None
+
+    def trigger(self) -> None:
+        """Thread-safe and idempotent; called by the engine's health watch or by a failing job."""
+        with self._lock:
+            if self.triggered:
+                return
+            self.triggered = True
+        log.critical("engine dead: no more jobs are taken; exiting within %.0f s", self._grace_s)
+        threading.Thread(target=self._deadline, name="engine-dead-exit", daemon=True).start()
+        self._stop_taking_jobs()
+
+    def _deadline(self) -> None:
+        time.sleep(self._grace_s)
+        log.critical("in-flight jobs did not finish within the grace period; exiting now")
+        self.before_exit()
+        self._hard_exit(1)
+
+
+def sigterm_self() -> None:
+    """runpod's JobScaler turns SIGTERM into a graceful stop: no new jobs, in-flight ones drain."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("handler").setLevel(settings.log_level)
+
+
+def runpod_config(settings: Settings, handler: Callable[..., Any]) -> dict[str, Any]:
+    return {
+        "handler": handler,
+        "return_aggregate_stream": True,
+        "concurrency_modifier": lambda _current: settings.max_concurrency,
+    }
+
+
+def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def load_or_exit() -> Settings:
+    try:
+        return load_settings(environment())
+    except SettingsError as exc:
+        print(f"worker not started: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    apply_process_environment(RUNPOD_LOG_DEFAULTS)
+    settings = load_or_exit()
+    configure_logging(settings)
+    # Until runpod installs its own handlers, SIGTERM unwinds through the engine shutdown below.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+
+    import runpod
+
+    from handler.engine import VllmEngine
+    from handler.jobs import make_handler
+
+    watch = EngineWatch(settings.engine_dead_grace_s, sigterm_self)
+    try:
+        engine = VllmEngine.start(settings, on_dead=watch.trigger)
+    except SettingsError as exc:
+        print(f"worker not started: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    watch.before_exit = engine.shutdown
+    try:
+        runpod.serverless.start(runpod_config(settings, make_handler(engine, settings, watch.trigger)))
+    finally:
+        engine.shutdown()
+    if watch.triggered or engine.dead:
+        raise SystemExit(1)
