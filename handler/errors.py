@@ -63,18 +63,21 @@ class EngineDead(WorkerError):
 def from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
     """A pydantic error as one readable InvalidRequest, naming the first offending field."""
     parts = []
-    param = None
+    params = []
     for error in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in error["loc"])
-        param = param or (prefix + loc if loc else None)
-        parts.append(f"{prefix}{loc}: {error['msg']}" if loc else error["msg"])
-    return InvalidRequest("; ".join(parts) or "invalid request", param=param)
+        where = prefix + ".".join(str(p) for p in error["loc"])
+        params.append(where.rstrip(".") or None)
+        parts.append(f"{where.rstrip('.')}: {error['msg']}" if where else error["msg"])
+    return InvalidRequest("; ".join(parts) or "invalid request", param=params[0] if params else None)
 
 
 _UNSAFE = [
     (re.compile(r" at 0x[0-9a-fA-F]+"), ""),
     (re.compile(r'File "[^"]+", line \d+'), "<frame>"),
-    (re.compile(r"(?:/[\w.\-]+){2,}"), "<path>"),
+    # file-system paths (a known root, or a file name with an extension), not URL routes
+    (re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv|etc|proc|app|workspace|runpod-volume)"
+                r"(?:/[\w.\-]+)+"), "<path>"),
+    (re.compile(r"(?:/[\w.\-]+)+/[\w\-]+\.\w+"), "<path>"),
     (re.compile(r"<(?:class|function|module|object|coroutine|async_generator) [^>]*>"), "<object>"),
 ]
 

@@ -1,0 +1,34 @@
+# Each target sets up what it needs on first use (virtual environment and default model, cached
+# outside the clone); see scripts/dev-env.
+.PHONY: help setup run test unit integration lint format clean-cache
+
+help:
+	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
+	@echo "make test         set up, then lint, type-check and run every test"
+	@echo "make unit         fast tests on the fake engine"
+	@echo "make integration  tests on the real vLLM engine"
+	@echo "make lint         ruff and mypy"
+
+setup:
+	@scripts/dev-env
+
+run:
+	scripts/in-env python -m handler.run_local test_input.json
+
+test: lint
+	scripts/in-env python -m pytest
+
+unit:
+	scripts/in-env python -m pytest tests/unit
+
+integration:
+	scripts/in-env python -m pytest tests/integration
+
+lint:
+	scripts/in-env ruff check handler tests builder
+	scripts/in-env ruff format --check handler tests builder
+	scripts/in-env mypy
+
+format:
+	scripts/in-env ruff format handler tests builder
+	scripts/in-env ruff check --fix handler tests builder

@@ -1,0 +1,123 @@
+"""A fake engine behind the handler's Engine interface: scripted answers shaped like vLLM's.
+
+It records every call, streams SSE events the way vLLM's OpenAI layer does (a role-only chunk,
+one chunk per token, a finish chunk, a usage chunk when asked, then [DONE]), and notes when a
+stream was closed before its end (the real engine aborts the request then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from handler.errors import EngineDead, EngineError
+from handler.protocol import EngineCall, EngineReply
+
+TOKENS = ["The", " capital", " of", " France", " is", " Paris", "."]
+TEXT = "".join(TOKENS)
+CREATED = 1700000000
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def usage(prompt: int = 12, completion: int = len(TOKENS)) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def chat_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]:
+    cid = f"chatcmpl-{call.request_id}"
+    head = {"id": cid, "object": "chat.completion.chunk", "created": CREATED,
+            "model": call.body["model"]}
+    events = [sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})]
+    for i, token in enumerate(tokens):
+        last = i == len(tokens) - 1
+        events.append(sse({**head, "choices": [{"index": 0, "delta": {"content": token},
+                                                "logprobs": None,
+                                                "finish_reason": "stop" if last else None}]}))
+    if (call.body.get("stream_options") or {}).get("include_usage"):
+        events.append(sse({**head, "choices": [], "usage": usage(completion=len(tokens))}))
+    return [*events, "data: [DONE]\n\n"]
+
+
+def completion_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]:
+    head = {"id": f"cmpl-{call.request_id}", "object": "text_completion", "created": CREATED,
+            "model": call.body["model"]}
+    events = [
+        sse({**head, "choices": [{"index": 0, "text": token, "logprobs": None,
+                                  "finish_reason": "length" if i == len(tokens) - 1 else None}]})
+        for i, token in enumerate(tokens)
+    ]
+    if (call.body.get("stream_options") or {}).get("include_usage"):
+        events.append(sse({**head, "choices": [], "usage": usage(completion=len(tokens))}))
+    return [*events, "data: [DONE]\n\n"]
+
+
+def chat_response(call: EngineCall) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{call.request_id}", "object": "chat.completion", "created": CREATED,
+            "model": call.body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": TEXT},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": usage()}
+
+
+MODELS = {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": CREATED,
+                                      "owned_by": "vllm", "root": "fake-model", "parent": None,
+                                      "max_model_len": 2048}]}
+
+
+class FakeEngine:
+    """Answers like vLLM for the model 'fake-model'; records calls and early-closed streams."""
+
+    def __init__(self, *, fail_after: int | None = None, pause: float = 0.0) -> None:
+        self.calls: list[EngineCall] = []
+        self.closed_early: list[str] = []
+        self.fail_after = fail_after
+        self.pause = pause
+        self.is_dead = False
+        self.active = 0
+        self.shut = False
+
+    @property
+    def dead(self) -> bool:
+        return self.is_dead
+
+    def running_requests(self) -> int:
+        return self.active
+
+    def shutdown(self) -> None:
+        self.shut = True
+
+    async def serve(self, call: EngineCall) -> EngineReply:
+        self.calls.append(call)
+        if self.is_dead:
+            raise EngineDead()
+        if call.route == "/v1/models":
+            return MODELS
+        if call.body.get("model") != "fake-model":
+            raise EngineError(f"The model `{call.body.get('model')}` does not exist.",
+                              status=404, type="NotFoundError", param="model")
+        if not call.stream:
+            return chat_response(call)
+        maker = chat_events if call.route == "/v1/chat/completions" else completion_events
+        return self._stream(call, maker(call))
+
+    async def _stream(self, call: EngineCall, events: list[str]) -> AsyncIterator[str]:
+        self.active += 1
+        finished = False
+        try:
+            for i, event in enumerate(events):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise RuntimeError("engine exploded at /opt/vllm/core.py line 3")
+                await asyncio.sleep(self.pause)
+                yield event
+            finished = True
+        finally:
+            self.active -= 1
+            if not finished:
+                self.closed_early.append(call.request_id)

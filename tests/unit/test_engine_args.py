@@ -1,0 +1,52 @@
+"""The pass-through of variables to vLLM flags, on a parser shaped like vLLM's (no vllm import)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from handler.engine import owned_args, passthrough_args
+from handler.settings import SettingsError, load_settings
+
+
+@pytest.fixture
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tensor-parallel-size", type=int)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
+    p.add_argument("--lora-modules", nargs="+")
+    p.add_argument("--served-model-name", nargs="+")
+    return p
+
+
+def test_variables_become_flags(parser: argparse.ArgumentParser) -> None:
+    env = {"TENSOR_PARALLEL_SIZE": "2", "ENFORCE_EAGER": "true", "ENABLE_PREFIX_CACHING": "false",
+           "LORA_MODULES": "a=/x b=/y", "NOT_A_FLAG": "1"}
+    assert passthrough_args(parser, env) == [
+        "--no-enable-prefix-caching", "--enforce-eager", "--lora-modules", "a=/x", "b=/y",
+        "--tensor-parallel-size", "2"]
+
+
+def test_false_store_true_flag_is_left_out(parser: argparse.ArgumentParser) -> None:
+    assert passthrough_args(parser, {"ENFORCE_EAGER": "0"}) == []
+
+
+def test_bad_boolean_names_the_variable(parser: argparse.ArgumentParser) -> None:
+    with pytest.raises(SettingsError, match="^ENFORCE_EAGER='sometimes': expected true or false$"):
+        passthrough_args(parser, {"ENFORCE_EAGER": "sometimes"})
+
+
+def test_flags_owned_by_settings_point_to_the_setting(parser: argparse.ArgumentParser) -> None:
+    with pytest.raises(SettingsError,
+                       match="^SERVED_MODEL_NAME: set OPENAI_SERVED_MODEL_NAME_OVERRIDE instead$"):
+        passthrough_args(parser, {"SERVED_MODEL_NAME": "x"})
+
+
+def test_owned_args() -> None:
+    s = load_settings({"MODEL_NAME": "/m", "MAX_MODEL_LEN": "2048", "KV_CACHE_GB": "1.5",
+                       "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "tiny"})
+    assert owned_args(s) == ["--model", "/m", "--served-model-name", "tiny", "--dtype", "auto",
+                             "--max-model-len", "2048", "--kv-cache-memory-bytes",
+                             str(int(1.5 * 2**30))]

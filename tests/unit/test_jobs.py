@@ -1,0 +1,173 @@
+"""The handler on the fake engine: the whole list of yields, directly and through runpod's
+own job code (rp_job.handle_job with only its two network calls replaced)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from runpod.serverless.modules import rp_job
+
+from handler.jobs import make_handler
+from handler.settings import Settings
+from tests.fakes import MODELS, TEXT, FakeEngine, chat_events, chat_response, completion_events
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Capital of France?"}]}
+
+
+async def run(engine: FakeEngine, settings: Settings, job_input: Any,
+              on_dead: list[str] | None = None) -> list[Any]:
+    sink = on_dead if on_dead is not None else []
+    handler = make_handler(engine, settings, lambda: sink.append("dead"))
+    return [out async for out in handler({"id": "job-1", "input": job_input})]
+
+
+def error_of(output: Any) -> dict[str, Any]:
+    assert isinstance(output, dict) and list(output) == ["error"]
+    body = json.loads(output["error"])
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
+
+
+async def test_openai_route_streams_sse_text(engine: FakeEngine, settings: Settings) -> None:
+    job = {"openai_route": "/v1/chat/completions", "openai_input": {**CHAT, "stream": True}}
+    outputs = await run(engine, settings, job)
+    assert outputs == chat_events(engine.calls[0])  # interval 0: one yield per event
+
+
+async def test_openai_route_one_shot(engine: FakeEngine, settings: Settings) -> None:
+    outputs = await run(engine, settings, {"openai_route": "/v1/chat/completions",
+                                           "openai_input": CHAT})
+    assert outputs == [chat_response(engine.calls[0])]
+
+
+async def test_models_route(engine: FakeEngine, settings: Settings) -> None:
+    assert await run(engine, settings, {"openai_route": "/v1/models"}) == [MODELS]
+
+
+async def test_native_stream_yields_chunk_dicts(engine: FakeEngine, settings: Settings) -> None:
+    outputs = await run(engine, settings, {"prompt": "The capital", "stream": True})
+    call = engine.calls[0]
+    assert call.body["max_tokens"] == 100
+    expected = [json.loads(e[len("data: "):]) for e in completion_events(call)[:-1]]
+    assert outputs == expected
+
+
+async def test_native_stream_coalesced(engine: FakeEngine, settings: Settings) -> None:
+    slow = settings.model_copy(update={"stream_flush_interval_ms": 60_000.0})
+    outputs = await run(engine, slow, {"messages": CHAT["messages"], "stream": True})
+    call = engine.calls[0]
+    assert [o["choices"][0]["delta"] if o["choices"] else o["usage"] for o in outputs] == [
+        {"role": "assistant", "content": ""},
+        {"content": "The"},
+        {"content": TEXT[len("The"):]},
+        {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+    ]
+    assert all(o["id"] == f"chatcmpl-{call.request_id}" for o in outputs)
+
+
+async def test_unknown_model_is_a_404(engine: FakeEngine, settings: Settings) -> None:
+    outputs = await run(engine, settings, {"openai_route": "/v1/chat/completions",
+                                           "openai_input": {**CHAT, "model": "gpt-9"}})
+    assert len(outputs) == 1
+    assert error_of(outputs[0]) == {"message": "The model `gpt-9` does not exist.",
+                                    "type": "NotFoundError", "param": "model", "code": 404}
+
+
+@pytest.mark.parametrize(
+    ("job_input", "code"),
+    [(None, 400), ("text", 400), ({"openai_route": "/v1/embeddings"}, 404),
+     ({"messages": 7}, 400), ({"prompt": "x", "sampling_params": []}, 400)],
+)
+async def test_bad_jobs_end_with_one_error(engine: FakeEngine, settings: Settings,
+                                           job_input: Any, code: int) -> None:
+    outputs = await run(engine, settings, job_input)
+    assert len(outputs) == 1 and error_of(outputs[0])["code"] == code
+    assert engine.calls == []
+
+
+async def test_failure_mid_stream_fails_the_job_without_leaking(settings: Settings) -> None:
+    engine = FakeEngine(fail_after=3)
+    outputs = await run(engine, settings, {"openai_route": "/v1/chat/completions",
+                                           "openai_input": {**CHAT, "stream": True}})
+    assert outputs[:3] == chat_events(engine.calls[0])[:3]
+    assert error_of(outputs[3]) == {"message": "Internal error (RuntimeError); the worker keeps "
+                                    "serving.", "type": "InternalServerError", "param": None,
+                                    "code": 500}
+    assert len(outputs) == 4
+
+
+async def test_dead_engine_fails_the_job_and_reports(settings: Settings) -> None:
+    engine = FakeEngine()
+    engine.is_dead = True
+    dead: list[str] = []
+    outputs = await run(engine, settings, {"prompt": "x"}, dead)
+    assert error_of(outputs[0])["code"] == 503 and dead == ["dead"] and len(outputs) == 1
+
+
+async def test_cancelling_a_job_closes_its_stream(settings: Settings) -> None:
+    engine = FakeEngine(pause=0.05)
+    handler = make_handler(engine, settings)
+    seen: list[Any] = []
+
+    async def consume() -> None:
+        async for out in handler({"id": "job-9", "input": {"prompt": "x", "stream": True}}):
+            seen.append(out)
+
+    task = asyncio.create_task(consume())
+    while len(seen) < 2:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.closed_early == [engine.calls[0].request_id]
+    assert engine.running_requests() == 0
+
+
+class RunPodNetwork:
+    """Stands in for the two POSTs runpod's job code makes."""
+
+    def __init__(self) -> None:
+        self.streamed: list[Any] = []
+        self.sent: list[tuple[dict[str, Any], bool]] = []
+
+    async def stream_result(self, _session: Any, data: dict[str, Any], _job: Any) -> None:
+        self.streamed.append(data)
+
+    async def send_result(self, _session: Any, data: dict[str, Any], _job: Any,
+                          is_stream: bool = False) -> None:
+        self.sent.append((data, is_stream))
+
+
+@pytest.fixture
+def network(monkeypatch: pytest.MonkeyPatch) -> RunPodNetwork:
+    net = RunPodNetwork()
+    monkeypatch.setattr(rp_job, "stream_result", net.stream_result)
+    monkeypatch.setattr(rp_job, "send_result", net.send_result)
+    return net
+
+
+async def test_runpod_aggregates_a_stream(engine: FakeEngine, settings: Settings,
+                                          network: RunPodNetwork) -> None:
+    config = {"handler": make_handler(engine, settings), "return_aggregate_stream": True}
+    job = {"id": "j", "input": {"openai_route": "/v1/chat/completions",
+                                "openai_input": {**CHAT, "stream": True}}}
+    await rp_job.handle_job(None, config, job)
+    events = chat_events(engine.calls[0])
+    assert network.streamed == [{"output": e} for e in events]
+    assert network.sent == [({"output": events}, True)]
+
+
+async def test_runpod_fails_the_job_with_the_json_error(engine: FakeEngine, settings: Settings,
+                                                        network: RunPodNetwork) -> None:
+    config = {"handler": make_handler(engine, settings), "return_aggregate_stream": True}
+    await rp_job.handle_job(None, config, {"id": "j", "input": {"openai_route": "/v2/nothing"}})
+    assert network.streamed == []
+    [(result, is_stream)] = network.sent
+    assert is_stream and list(result) == ["error"]
+    assert json.loads(result["error"]) == {"error": {
+        "message": "unknown openai_route '/v2/nothing'; supported routes: /v1/chat/completions, "
+                   "/v1/completions, /v1/models",
+        "type": "NotFoundError", "param": "openai_route", "code": 404}}

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from handler.errors import EngineError
+from handler.protocol import EngineCall
+from handler.streaming import chunk_dicts, coalesce, parse_events, sse_text
+from tests.fakes import TEXT, chat_events, completion_events, sse
+
+
+async def gated(gate: asyncio.Queue[str | None], log: list[str]) -> AsyncIterator[str]:
+    try:
+        while (event := await gate.get()) is not None:
+            yield event
+    finally:
+        log.append("closed")
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def collect(source: AsyncIterator[str], interval: float) -> list[list[str]]:
+    return [batch async for batch in coalesce(source, interval)]
+
+
+async def test_interval_zero_sends_every_event_alone() -> None:
+    async def source() -> AsyncIterator[str]:
+        for e in "abcd":
+            yield e
+
+    assert await collect(source(), 0) == [["a"], ["b"], ["c"], ["d"]]
+
+
+async def test_first_two_events_go_at_once_then_events_merge_until_the_end() -> None:
+    gate: asyncio.Queue[str | None] = asyncio.Queue()
+    log: list[str] = []
+    batches: list[list[str]] = []
+
+    async def consume() -> None:
+        async for batch in coalesce(gated(gate, log), 60.0):
+            batches.append(batch)
+
+    task = asyncio.create_task(consume())
+    for event in ["role", "tok1"]:
+        await gate.put(event)
+        await settle()
+        assert batches[-1] == [event]  # out before the next event exists
+    for event in ["tok2", "tok3", "tok4"]:
+        await gate.put(event)
+        await settle()
+    assert len(batches) == 2  # held: the interval has not passed
+    await gate.put(None)
+    await task
+    assert batches == [["role"], ["tok1"], ["tok2", "tok3", "tok4"]]
+    assert log == ["closed"]
+
+
+async def test_a_held_event_goes_out_when_the_interval_passes() -> None:
+    gate: asyncio.Queue[str | None] = asyncio.Queue()
+    batches: list[list[str]] = []
+
+    async def consume() -> None:
+        async for batch in coalesce(gated(gate, []), 0.05):
+            batches.append(batch)
+
+    task = asyncio.create_task(consume())
+    for event in ["a", "b", "c"]:
+        await gate.put(event)
+        await settle()
+    await asyncio.sleep(0.5)  # far past the 50 ms interval, with no new event
+    assert batches == [["a"], ["b"], ["c"]]
+    await gate.put(None)
+    await task
+
+
+async def test_events_that_pile_up_during_a_slow_post_are_one_batch() -> None:
+    async def source() -> AsyncIterator[str]:
+        for e in ["a", "b", "c", "d", "e"]:
+            await asyncio.sleep(0)
+            yield e
+
+    batches: list[list[str]] = []
+    async for batch in coalesce(source(), 0.001):
+        batches.append(batch)
+        await asyncio.sleep(0.05)  # the POST to RunPod
+    assert batches == [["a"], ["b", "c", "d", "e"]]
+
+
+async def test_a_failing_source_delivers_what_came_then_raises() -> None:
+    async def source() -> AsyncIterator[str]:
+        yield "a"
+        raise RuntimeError("boom")
+
+    got: list[list[str]] = []
+    with pytest.raises(RuntimeError, match="boom"):
+        async for batch in coalesce(source(), 0):
+            got.append(batch)
+    assert got == [["a"]]
+
+
+async def test_cancelling_the_reader_closes_the_source() -> None:
+    gate: asyncio.Queue[str | None] = asyncio.Queue()
+    log: list[str] = []
+
+    async def consume() -> None:
+        async for _ in coalesce(gated(gate, log), 0.01):
+            pass
+
+    task = asyncio.create_task(consume())
+    await gate.put("a")
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log == ["closed"]
+
+
+CALL = EngineCall("/v1/chat/completions", {"model": "m", "stream": True,
+                                           "stream_options": {"include_usage": True}}, "r1")
+
+
+def test_sse_text_is_the_events_joined() -> None:
+    events = chat_events(CALL)
+    assert sse_text(events) == "".join(events)
+    assert sse_text(events).endswith("data: [DONE]\n\n")
+
+
+def test_chunk_dicts_merge_text_deltas_and_keep_usage_apart() -> None:
+    merged = chunk_dicts(chat_events(CALL))
+    head = {"id": "chatcmpl-r1", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": "m"}
+    assert merged == [
+        {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": TEXT},
+                              "logprobs": None, "finish_reason": "stop"}]},
+        {**head, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 7,
+                                          "total_tokens": 19}},
+    ]
+
+
+def test_chunk_dicts_merge_completion_text() -> None:
+    call = EngineCall("/v1/completions", {"model": "m", "stream": True}, "r2")
+    assert chunk_dicts(completion_events(call)) == [
+        {"id": "cmpl-r2", "object": "text_completion", "created": 1700000000, "model": "m",
+         "choices": [{"index": 0, "text": TEXT, "logprobs": None, "finish_reason": "length"}]}]
+
+
+def test_chunk_dicts_merge_logprobs_and_keep_tool_calls_apart() -> None:
+    head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def chunk(delta: dict[str, object], lp: list[str] | None = None) -> str:
+        logprobs = None if lp is None else {"content": lp}
+        return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": None}]})
+
+    tool = {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}
+    merged = chunk_dicts([chunk({"content": "a"}, ["a"]), chunk({"content": "b"}, ["b"]),
+                          chunk(tool), chunk(tool)])
+    assert [c["choices"][0]["delta"] for c in merged] == [{"content": "ab"}, tool, tool]
+    assert merged[0]["choices"][0]["logprobs"] == {"content": ["a", "b"]}
+
+
+def test_an_error_event_raises() -> None:
+    error = {"error": {"message": "bad", "type": "BadRequestError", "param": "n", "code": 400}}
+    with pytest.raises(EngineError) as caught:
+        parse_events([sse(error)])
+    assert (caught.value.status, caught.value.type, caught.value.param) == (
+        400, "BadRequestError", "n")
