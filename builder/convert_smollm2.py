@@ -36,7 +36,9 @@ def convert(out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=GGUF_FILE, dtype=torch.bfloat16,
+        src,
+        gguf_file=GGUF_FILE,
+        dtype=torch.bfloat16,
         quantization_config=GgufConfig(dequantize=True),
     )
     model.save_pretrained(tmp)

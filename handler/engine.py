@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from handler.errors import EngineDead, NotFound, from_validation_error
+from handler.errors import EngineDead, InvalidRequest, NotFound, from_validation_error
 from handler.protocol import EngineCall, EngineReply
 from handler.settings import Settings, SettingsError, env_names
 from handler.streaming import engine_error
@@ -56,8 +56,14 @@ _HEALTH_POLL_S = 0.5
 
 def owned_args(settings: Settings) -> list[str]:
     """The ``vllm serve`` arguments that come from the worker's own settings."""
-    argv = ["--model", settings.model, "--served-model-name", settings.model_id,
-            "--dtype", settings.dtype]
+    argv = [
+        "--model",
+        settings.model,
+        "--served-model-name",
+        settings.model_id,
+        "--dtype",
+        settings.dtype,
+    ]
     optional = {
         "--revision": settings.model_revision,
         "--tokenizer": settings.tokenizer,
@@ -126,7 +132,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], what: str) -> argpa
             return parser.parse_args(argv)
     except SystemExit:
         detail = stderr.getvalue().strip().splitlines()
-        raise SettingsError(f"invalid {what}: {detail[-1] if detail else 'rejected by vLLM'}") from None
+        raise SettingsError(
+            f"invalid {what}: {detail[-1] if detail else 'rejected by vLLM'}"
+        ) from None
 
 
 class _Bridge:
@@ -142,9 +150,15 @@ class _Bridge:
 class VllmEngine:
     """vLLM's AsyncLLM and OpenAI serving layer on a dedicated event-loop thread."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
-                 client: Any, state: Any, stack: contextlib.AsyncExitStack,
-                 on_dead: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+        client: Any,
+        state: Any,
+        stack: contextlib.AsyncExitStack,
+        on_dead: Callable[[], None],
+    ) -> None:
         self._loop, self._thread = loop, thread
         self._client, self._state, self._stack = client, state, stack
         self._on_dead = on_dead
@@ -167,8 +181,9 @@ class VllmEngine:
             raise
         engine = cls(loop, thread, client, state, stack, on_dead)
         asyncio.run_coroutine_threadsafe(engine._watch_health(), loop)
-        log.info("engine ready in %.1f s (model %s)", time.perf_counter() - started,
-                 settings.model_id)
+        log.info(
+            "engine ready in %.1f s (model %s)", time.perf_counter() - started, settings.model_id
+        )
         return engine
 
     @property
@@ -213,6 +228,8 @@ class VllmEngine:
             request = request_cls.model_validate(dict(call.body))
         except ValidationError as exc:
             raise from_validation_error(exc) from None
+        except (TypeError, ValueError) as exc:  # raised by some of vLLM's "before" validators
+            raise InvalidRequest(f"malformed request: {exc}") from None
         try:
             result = await create(request, None)
         except Exception as exc:  # vLLM raises what its HTTP layer would turn into an error

@@ -26,8 +26,14 @@ class WorkerError(Exception):
     status: int = 500
     type: str = "InternalServerError"
 
-    def __init__(self, message: str, *, param: str | None = None, status: int | None = None,
-                 type: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int | None = None,
+        type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -55,8 +61,11 @@ class EngineDead(WorkerError):
     status = 503
     type = "ServiceUnavailableError"
 
-    def __init__(self, message: str = "The inference engine has stopped; this worker is "
-                 "shutting down and the job should be retried on another worker.") -> None:
+    def __init__(
+        self,
+        message: str = "The inference engine has stopped; this worker is "
+        "shutting down and the job should be retried on another worker.",
+    ) -> None:
         super().__init__(message)
 
 
@@ -68,15 +77,22 @@ def from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequ
         where = prefix + ".".join(str(p) for p in error["loc"])
         params.append(where.rstrip(".") or None)
         parts.append(f"{where.rstrip('.')}: {error['msg']}" if where else error["msg"])
-    return InvalidRequest("; ".join(parts) or "invalid request", param=params[0] if params else None)
+    return InvalidRequest(
+        "; ".join(parts) or "invalid request", param=params[0] if params else None
+    )
 
 
 _UNSAFE = [
     (re.compile(r" at 0x[0-9a-fA-F]+"), ""),
     (re.compile(r'File "[^"]+", line \d+'), "<frame>"),
     # file-system paths (a known root, or a file name with an extension), not URL routes
-    (re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv|etc|proc|app|workspace|runpod-volume)"
-                r"(?:/[\w.\-]+)+"), "<path>"),
+    (
+        re.compile(
+            r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv|etc|proc|app|workspace|runpod-volume)"
+            r"(?:/[\w.\-]+)+"
+        ),
+        "<path>",
+    ),
     (re.compile(r"(?:/[\w.\-]+)+/[\w\-]+\.\w+"), "<path>"),
     (re.compile(r"<(?:class|function|module|object|coroutine|async_generator) [^>]*>"), "<object>"),
 ]

@@ -32,8 +32,9 @@ log = logging.getLogger("handler.jobs")
 Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 
 
-def make_handler(engine: Engine, settings: Settings,
-                 on_engine_dead: Callable[[], None] = lambda: None) -> Handler:
+def make_handler(
+    engine: Engine, settings: Settings, on_engine_dead: Callable[[], None] = lambda: None
+) -> Handler:
     """The async-generator function runpod calls once per job."""
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
@@ -43,8 +44,9 @@ def make_handler(engine: Engine, settings: Settings,
     return handler
 
 
-async def run_job(job: dict[str, Any], engine: Engine, settings: Settings,
-                  on_engine_dead: Callable[[], None]) -> AsyncIterator[Any]:
+async def run_job(
+    job: dict[str, Any], engine: Engine, settings: Settings, on_engine_dead: Callable[[], None]
+) -> AsyncIterator[Any]:
     job_id = str(job.get("id") or "job")
     try:
         if engine.dead:

@@ -111,8 +111,9 @@ def parse_job(job_input: Any) -> OpenAIRouteJob | NativeJob:
         raise from_validation_error(exc, prefix="input.") from None
 
 
-def to_engine_call(job: OpenAIRouteJob | NativeJob, settings: Settings,
-                   job_id: str) -> tuple[EngineCall, Shape]:
+def to_engine_call(
+    job: OpenAIRouteJob | NativeJob, settings: Settings, job_id: str
+) -> tuple[EngineCall, Shape]:
     """The engine call for a parsed job, and the shape its answer takes."""
     request_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
     if isinstance(job, OpenAIRouteJob):

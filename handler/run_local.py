@@ -50,26 +50,26 @@ async def run_job(handler: Any, job: dict[str, Any]) -> tuple[list[Any], str | N
     return outputs, None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    job = json.loads(Path(args[0] if args else "test_input.json").read_text())
+def read_job(argv: list[str]) -> dict[str, Any]:
+    """The job from ``--test_input JSON`` (runpod's flag), a file argument, or test_input.json."""
+    if "--test_input" in argv and argv.index("--test_input") + 1 < len(argv):
+        job = json.loads(argv[argv.index("--test_input") + 1])
+    else:
+        files = [a for a in argv if not a.startswith("-")]
+        job = json.loads(Path(files[0] if files else "test_input.json").read_text())
+    if not isinstance(job, dict):
+        raise SystemExit("a test job must be a JSON object with an 'input' key")
     job.setdefault("id", "local-test")
-    apply_process_environment({**LOCAL_ONLY, **RUNPOD_LOG_DEFAULTS})
-    settings = load_or_exit()
-    configure_logging(settings)
+    return job
 
-    from handler.engine import VllmEngine
+
+def run_and_report(engine: Any, settings: Any, job: dict[str, Any]) -> int:
+    """Run one job through the handler, print every yield and the answer; 0 if it succeeded."""
     from handler.jobs import make_handler
 
     started = time.perf_counter()
-    engine = VllmEngine.start(settings)
-    print(f"engine cold start: {time.perf_counter() - started:.1f} s", flush=True)
-    try:
-        started = time.perf_counter()
-        outputs, error = asyncio.run(run_job(make_handler(engine, settings), job))
-        elapsed = time.perf_counter() - started
-    finally:
-        engine.shutdown()
+    outputs, error = asyncio.run(run_job(make_handler(engine, settings), job))
+    elapsed = time.perf_counter() - started
     for output in outputs:
         print("yield:", json.dumps(output, ensure_ascii=False))
     if error is not None:
@@ -78,6 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"job {job['id']} done in {elapsed:.2f} s, {len(outputs)} yield(s)")
     print("answer:", answer_text(outputs))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    job = read_job(sys.argv[1:] if argv is None else argv)
+    apply_process_environment({**LOCAL_ONLY, **RUNPOD_LOG_DEFAULTS})
+    settings = load_or_exit()
+    configure_logging(settings)
+
+    from handler.engine import VllmEngine
+
+    started = time.perf_counter()
+    engine = VllmEngine.start(settings)
+    print(f"engine cold start: {time.perf_counter() - started:.1f} s", flush=True)
+    try:
+        return run_and_report(engine, settings, job)
+    finally:
+        engine.shutdown()
 
 
 if __name__ == "__main__":

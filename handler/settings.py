@@ -2,7 +2,7 @@
 
 In: a mapping of environment variables (``os.environ`` in production, a plain dict in tests).
 Out: a frozen :class:`Settings`. Names follow RunPod's official vLLM worker where it has one
-(``MODEL_NAME``, ``MAX_MODEL_LEN``, ``OPENAI_SERVED_MODEL_NAME_OVERRIDE``, ``MAX_CONCURRENCY``, ...).
+(``MODEL_NAME``, ``MAX_MODEL_LEN``, ``OPENAI_SERVED_MODEL_NAME_OVERRIDE``, ``MAX_CONCURRENCY``).
 Any other variable named like a ``vllm serve`` flag (``TENSOR_PARALLEL_SIZE`` for
 ``--tensor-parallel-size``) is kept in :attr:`Settings.engine_passthrough` for the engine module,
 which checks it against vLLM's own argument parser.
@@ -61,7 +61,9 @@ class Settings(BaseModel):
         None, alias="MODEL_REVISION", description="Model revision (branch, tag or commit)."
     )
     tokenizer: str | None = Field(
-        None, alias="TOKENIZER_NAME", description="Tokenizer repository or folder, if not the model's."
+        None,
+        alias="TOKENIZER_NAME",
+        description="Tokenizer repository or folder, if not the model's.",
     )
     served_model_name: str | None = Field(
         None,
@@ -106,6 +108,15 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", alias="LOG_LEVEL", description="Log level of the worker's own logger."
     )
+    runpod_webhook_get_job: str | None = Field(
+        None,
+        alias="RUNPOD_WEBHOOK_GET_JOB",
+        description="Set by RunPod in production. Without it (and without --rp_serve_api or "
+        "RUNPOD_REALTIME_PORT) `python -m handler` runs test_input.json and exits.",
+    )
+    runpod_realtime_port: int = Field(
+        0, alias="RUNPOD_REALTIME_PORT", ge=0, description="Set by RunPod for realtime workers."
+    )
     engine_passthrough: dict[str, str] = Field(
         default_factory=dict,
         description="Other variables, passed to vLLM when named like one of its flags.",
@@ -125,6 +136,11 @@ class Settings(BaseModel):
     def model_id(self) -> str:
         """The name clients use for the base model."""
         return self.served_model_name or self.model
+
+    @property
+    def on_runpod(self) -> bool:
+        """runpod's production loop (or realtime server) will run, not its local test mode."""
+        return bool(self.runpod_webhook_get_job) or self.runpod_realtime_port > 0
 
     @property
     def flush_interval_s(self) -> float:

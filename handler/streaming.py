@@ -53,8 +53,9 @@ def _is_last(item: object) -> bool:
     return item is _END or isinstance(item, _Failure)
 
 
-async def _fill_until(queue: asyncio.Queue[object], batch: list[object], deadline: float,
-                      clock: Callable[[], float]) -> None:
+async def _fill_until(
+    queue: asyncio.Queue[object], batch: list[object], deadline: float, clock: Callable[[], float]
+) -> None:
     """Add events to the batch until the deadline passes or the stream ends."""
     while True:
         _take_ready(queue, batch)
@@ -67,8 +68,13 @@ async def _fill_until(queue: asyncio.Queue[object], batch: list[object], deadlin
             return
 
 
-async def coalesce(events: AsyncIterator[str], interval: float, *, immediate: int = 2,
-                   clock: Callable[[], float] = time.monotonic) -> AsyncIterator[list[str]]:
+async def coalesce(
+    events: AsyncIterator[str],
+    interval: float,
+    *,
+    immediate: int = 2,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[list[str]]:
     """Batches of consecutive events; each batch is one yield, hence one POST to RunPod.
 
     ``interval`` <= 0 gives every event its own batch. Closing or cancelling the reader cancels the
@@ -111,7 +117,7 @@ def parse_events(batch: Iterable[str]) -> list[dict[str, Any]]:
         for line in event.splitlines():
             if not line.startswith("data:"):
                 continue
-            data = line[len("data:"):].strip()
+            data = line[len("data:") :].strip()
             if data == "[DONE]":
                 continue
             value = json.loads(data)

@@ -41,8 +41,12 @@ RUNPOD_LOG_DEFAULTS = {"RUNPOD_DEBUG_LEVEL": "INFO"}
 class EngineWatch:
     """What happens when the engine dies: stop taking jobs, then exit non-zero."""
 
-    def __init__(self, grace_s: float, stop_taking_jobs: Callable[[], None],
-                 hard_exit: Callable[[int], None] = os._exit) -> None:
+    def __init__(
+        self,
+        grace_s: float,
+        stop_taking_jobs: Callable[[], None],
+        hard_exit: Callable[[int], None] = os._exit,
+    ) -> None:
         self._grace_s = grace_s
         self._stop_taking_jobs = stop_taking_jobs
         self._hard_exit = hard_exit
@@ -119,7 +123,14 @@ def main() -> None:
         raise SystemExit(2) from None
     watch.before_exit = engine.shutdown
     try:
-        runpod.serverless.start(runpod_config(settings, make_handler(engine, settings, watch.trigger)))
+        if settings.on_runpod or "--rp_serve_api" in sys.argv:
+            handler = make_handler(engine, settings, watch.trigger)
+            runpod.serverless.start(runpod_config(settings, handler))
+        else:  # runpod's local mode would only print the generator object: run the job here
+            from handler.run_local import read_job, run_and_report
+
+            code = run_and_report(engine, settings, read_job(sys.argv[1:]))
+            raise SystemExit(code)
     finally:
         engine.shutdown()
     if watch.triggered or engine.dead:

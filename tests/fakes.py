@@ -25,32 +25,79 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def usage(prompt: int = 12, completion: int = len(TOKENS)) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def chat_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]:
     cid = f"chatcmpl-{call.request_id}"
-    head = {"id": cid, "object": "chat.completion.chunk", "created": CREATED,
-            "model": call.body["model"]}
-    events = [sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})]
+    head = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": call.body["model"],
+    }
+    events = [
+        sse(
+            {
+                **head,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+    ]
     for i, token in enumerate(tokens):
         last = i == len(tokens) - 1
-        events.append(sse({**head, "choices": [{"index": 0, "delta": {"content": token},
-                                                "logprobs": None,
-                                                "finish_reason": "stop" if last else None}]}))
+        events.append(
+            sse(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"content": token},
+                            "logprobs": None,
+                            "finish_reason": "stop" if last else None,
+                        }
+                    ],
+                }
+            )
+        )
     if (call.body.get("stream_options") or {}).get("include_usage"):
         events.append(sse({**head, "choices": [], "usage": usage(completion=len(tokens))}))
     return [*events, "data: [DONE]\n\n"]
 
 
 def completion_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]:
-    head = {"id": f"cmpl-{call.request_id}", "object": "text_completion", "created": CREATED,
-            "model": call.body["model"]}
+    head = {
+        "id": f"cmpl-{call.request_id}",
+        "object": "text_completion",
+        "created": CREATED,
+        "model": call.body["model"],
+    }
     events = [
-        sse({**head, "choices": [{"index": 0, "text": token, "logprobs": None,
-                                  "finish_reason": "length" if i == len(tokens) - 1 else None}]})
+        sse(
+            {
+                **head,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": token,
+                        "logprobs": None,
+                        "finish_reason": "length" if i == len(tokens) - 1 else None,
+                    }
+                ],
+            }
+        )
         for i, token in enumerate(tokens)
     ]
     if (call.body.get("stream_options") or {}).get("include_usage"):
@@ -59,16 +106,37 @@ def completion_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]
 
 
 def chat_response(call: EngineCall) -> dict[str, Any]:
-    return {"id": f"chatcmpl-{call.request_id}", "object": "chat.completion", "created": CREATED,
-            "model": call.body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": TEXT},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": usage()}
+    return {
+        "id": f"chatcmpl-{call.request_id}",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": call.body["model"],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": TEXT},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage(),
+    }
 
 
-MODELS = {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": CREATED,
-                                      "owned_by": "vllm", "root": "fake-model", "parent": None,
-                                      "max_model_len": 2048}]}
+MODELS = {
+    "object": "list",
+    "data": [
+        {
+            "id": "fake-model",
+            "object": "model",
+            "created": CREATED,
+            "owned_by": "vllm",
+            "root": "fake-model",
+            "parent": None,
+            "max_model_len": 2048,
+        }
+    ],
+}
 
 
 class FakeEngine:
@@ -100,8 +168,12 @@ class FakeEngine:
         if call.route == "/v1/models":
             return MODELS
         if call.body.get("model") != "fake-model":
-            raise EngineError(f"The model `{call.body.get('model')}` does not exist.",
-                              status=404, type="NotFoundError", param="model")
+            raise EngineError(
+                f"The model `{call.body.get('model')}` does not exist.",
+                status=404,
+                type="NotFoundError",
+                param="model",
+            )
         if not call.stream:
             return chat_response(call)
         maker = chat_events if call.route == "/v1/chat/completions" else completion_events

@@ -8,8 +8,14 @@ from tests.fakes import FakeEngine
 
 @pytest.fixture
 def settings() -> Settings:
-    return load_settings({"MODEL_NAME": "/models/x", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "fake-model",
-                          "DEFAULT_MAX_TOKENS": "100", "STREAM_FLUSH_INTERVAL_MS": "0"})
+    return load_settings(
+        {
+            "MODEL_NAME": "/models/x",
+            "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "fake-model",
+            "DEFAULT_MAX_TOKENS": "100",
+            "STREAM_FLUSH_INTERVAL_MS": "0",
+        }
+    )
 
 
 @pytest.fixture

@@ -22,11 +22,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def test_variables_become_flags(parser: argparse.ArgumentParser) -> None:
-    env = {"TENSOR_PARALLEL_SIZE": "2", "ENFORCE_EAGER": "true", "ENABLE_PREFIX_CACHING": "false",
-           "LORA_MODULES": "a=/x b=/y", "NOT_A_FLAG": "1"}
+    env = {
+        "TENSOR_PARALLEL_SIZE": "2",
+        "ENFORCE_EAGER": "true",
+        "ENABLE_PREFIX_CACHING": "false",
+        "LORA_MODULES": "a=/x b=/y",
+        "NOT_A_FLAG": "1",
+    }
     assert passthrough_args(parser, env) == [
-        "--no-enable-prefix-caching", "--enforce-eager", "--lora-modules", "a=/x", "b=/y",
-        "--tensor-parallel-size", "2"]
+        "--no-enable-prefix-caching",
+        "--enforce-eager",
+        "--lora-modules",
+        "a=/x",
+        "b=/y",
+        "--tensor-parallel-size",
+        "2",
+    ]
 
 
 def test_false_store_true_flag_is_left_out(parser: argparse.ArgumentParser) -> None:
@@ -39,14 +50,30 @@ def test_bad_boolean_names_the_variable(parser: argparse.ArgumentParser) -> None
 
 
 def test_flags_owned_by_settings_point_to_the_setting(parser: argparse.ArgumentParser) -> None:
-    with pytest.raises(SettingsError,
-                       match="^SERVED_MODEL_NAME: set OPENAI_SERVED_MODEL_NAME_OVERRIDE instead$"):
+    with pytest.raises(
+        SettingsError, match="^SERVED_MODEL_NAME: set OPENAI_SERVED_MODEL_NAME_OVERRIDE instead$"
+    ):
         passthrough_args(parser, {"SERVED_MODEL_NAME": "x"})
 
 
 def test_owned_args() -> None:
-    s = load_settings({"MODEL_NAME": "/m", "MAX_MODEL_LEN": "2048", "KV_CACHE_GB": "1.5",
-                       "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "tiny"})
-    assert owned_args(s) == ["--model", "/m", "--served-model-name", "tiny", "--dtype", "auto",
-                             "--max-model-len", "2048", "--kv-cache-memory-bytes",
-                             str(int(1.5 * 2**30))]
+    s = load_settings(
+        {
+            "MODEL_NAME": "/m",
+            "MAX_MODEL_LEN": "2048",
+            "KV_CACHE_GB": "1.5",
+            "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "tiny",
+        }
+    )
+    assert owned_args(s) == [
+        "--model",
+        "/m",
+        "--served-model-name",
+        "tiny",
+        "--dtype",
+        "auto",
+        "--max-model-len",
+        "2048",
+        "--kv-cache-memory-bytes",
+        str(int(1.5 * 2**30)),
+    ]

@@ -22,18 +22,27 @@ class _M(BaseModel):
 
 def test_worker_errors_keep_status_type_and_param() -> None:
     assert error_body(InvalidRequest("bad n", param="n")) == {
-        "error": {"message": "bad n", "type": "BadRequestError", "param": "n", "code": 400}}
+        "error": {"message": "bad n", "type": "BadRequestError", "param": "n", "code": 400}
+    }
     assert error_body(NotFound("no route")) == {
-        "error": {"message": "no route", "type": "NotFoundError", "param": None, "code": 404}}
+        "error": {"message": "no route", "type": "NotFoundError", "param": None, "code": 404}
+    }
     assert error_body(EngineError("slow down", status=429, type="TooManyRequests")) == {
-        "error": {"message": "slow down", "type": "TooManyRequests", "param": None, "code": 429}}
+        "error": {"message": "slow down", "type": "TooManyRequests", "param": None, "code": 429}
+    }
     assert error_body(EngineDead())["error"]["code"] == 503
 
 
 def test_unknown_exceptions_are_a_bland_500() -> None:
     body = error_body(KeyError("/secret/path.py"))
-    assert body == {"error": {"message": "Internal error (KeyError); the worker keeps serving.",
-                              "type": "InternalServerError", "param": None, "code": 500}}
+    assert body == {
+        "error": {
+            "message": "Internal error (KeyError); the worker keeps serving.",
+            "type": "InternalServerError",
+            "param": None,
+            "code": 500,
+        }
+    }
 
 
 def test_pydantic_errors_become_400_naming_the_field() -> None:

@@ -17,8 +17,9 @@ from tests.fakes import MODELS, TEXT, FakeEngine, chat_events, chat_response, co
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Capital of France?"}]}
 
 
-async def run(engine: FakeEngine, settings: Settings, job_input: Any,
-              on_dead: list[str] | None = None) -> list[Any]:
+async def run(
+    engine: FakeEngine, settings: Settings, job_input: Any, on_dead: list[str] | None = None
+) -> list[Any]:
     sink = on_dead if on_dead is not None else []
     handler = make_handler(engine, settings, lambda: sink.append("dead"))
     return [out async for out in handler({"id": "job-1", "input": job_input})]
@@ -38,8 +39,9 @@ async def test_openai_route_streams_sse_text(engine: FakeEngine, settings: Setti
 
 
 async def test_openai_route_one_shot(engine: FakeEngine, settings: Settings) -> None:
-    outputs = await run(engine, settings, {"openai_route": "/v1/chat/completions",
-                                           "openai_input": CHAT})
+    outputs = await run(
+        engine, settings, {"openai_route": "/v1/chat/completions", "openai_input": CHAT}
+    )
     assert outputs == [chat_response(engine.calls[0])]
 
 
@@ -51,7 +53,7 @@ async def test_native_stream_yields_chunk_dicts(engine: FakeEngine, settings: Se
     outputs = await run(engine, settings, {"prompt": "The capital", "stream": True})
     call = engine.calls[0]
     assert call.body["max_tokens"] == 100
-    expected = [json.loads(e[len("data: "):]) for e in completion_events(call)[:-1]]
+    expected = [json.loads(e[len("data: ") :]) for e in completion_events(call)[:-1]]
     assert outputs == expected
 
 
@@ -62,27 +64,40 @@ async def test_native_stream_coalesced(engine: FakeEngine, settings: Settings) -
     assert [o["choices"][0]["delta"] if o["choices"] else o["usage"] for o in outputs] == [
         {"role": "assistant", "content": ""},
         {"content": "The"},
-        {"content": TEXT[len("The"):]},
+        {"content": TEXT[len("The") :]},
         {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
     ]
     assert all(o["id"] == f"chatcmpl-{call.request_id}" for o in outputs)
 
 
 async def test_unknown_model_is_a_404(engine: FakeEngine, settings: Settings) -> None:
-    outputs = await run(engine, settings, {"openai_route": "/v1/chat/completions",
-                                           "openai_input": {**CHAT, "model": "gpt-9"}})
+    outputs = await run(
+        engine,
+        settings,
+        {"openai_route": "/v1/chat/completions", "openai_input": {**CHAT, "model": "gpt-9"}},
+    )
     assert len(outputs) == 1
-    assert error_of(outputs[0]) == {"message": "The model `gpt-9` does not exist.",
-                                    "type": "NotFoundError", "param": "model", "code": 404}
+    assert error_of(outputs[0]) == {
+        "message": "The model `gpt-9` does not exist.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
 
 
 @pytest.mark.parametrize(
     ("job_input", "code"),
-    [(None, 400), ("text", 400), ({"openai_route": "/v1/embeddings"}, 404),
-     ({"messages": 7}, 400), ({"prompt": "x", "sampling_params": []}, 400)],
+    [
+        (None, 400),
+        ("text", 400),
+        ({"openai_route": "/v1/embeddings"}, 404),
+        ({"messages": 7}, 400),
+        ({"prompt": "x", "sampling_params": []}, 400),
+    ],
 )
-async def test_bad_jobs_end_with_one_error(engine: FakeEngine, settings: Settings,
-                                           job_input: Any, code: int) -> None:
+async def test_bad_jobs_end_with_one_error(
+    engine: FakeEngine, settings: Settings, job_input: Any, code: int
+) -> None:
     outputs = await run(engine, settings, job_input)
     assert len(outputs) == 1 and error_of(outputs[0])["code"] == code
     assert engine.calls == []
@@ -90,12 +105,18 @@ async def test_bad_jobs_end_with_one_error(engine: FakeEngine, settings: Setting
 
 async def test_failure_mid_stream_fails_the_job_without_leaking(settings: Settings) -> None:
     engine = FakeEngine(fail_after=3)
-    outputs = await run(engine, settings, {"openai_route": "/v1/chat/completions",
-                                           "openai_input": {**CHAT, "stream": True}})
+    outputs = await run(
+        engine,
+        settings,
+        {"openai_route": "/v1/chat/completions", "openai_input": {**CHAT, "stream": True}},
+    )
     assert outputs[:3] == chat_events(engine.calls[0])[:3]
-    assert error_of(outputs[3]) == {"message": "Internal error (RuntimeError); the worker keeps "
-                                    "serving.", "type": "InternalServerError", "param": None,
-                                    "code": 500}
+    assert error_of(outputs[3]) == {
+        "message": "Internal error (RuntimeError); the worker keeps serving.",
+        "type": "InternalServerError",
+        "param": None,
+        "code": 500,
+    }
     assert len(outputs) == 4
 
 
@@ -136,8 +157,9 @@ class RunPodNetwork:
     async def stream_result(self, _session: Any, data: dict[str, Any], _job: Any) -> None:
         self.streamed.append(data)
 
-    async def send_result(self, _session: Any, data: dict[str, Any], _job: Any,
-                          is_stream: bool = False) -> None:
+    async def send_result(
+        self, _session: Any, data: dict[str, Any], _job: Any, is_stream: bool = False
+    ) -> None:
         self.sent.append((data, is_stream))
 
 
@@ -149,25 +171,34 @@ def network(monkeypatch: pytest.MonkeyPatch) -> RunPodNetwork:
     return net
 
 
-async def test_runpod_aggregates_a_stream(engine: FakeEngine, settings: Settings,
-                                          network: RunPodNetwork) -> None:
+async def test_runpod_aggregates_a_stream(
+    engine: FakeEngine, settings: Settings, network: RunPodNetwork
+) -> None:
     config = {"handler": make_handler(engine, settings), "return_aggregate_stream": True}
-    job = {"id": "j", "input": {"openai_route": "/v1/chat/completions",
-                                "openai_input": {**CHAT, "stream": True}}}
+    job = {
+        "id": "j",
+        "input": {"openai_route": "/v1/chat/completions", "openai_input": {**CHAT, "stream": True}},
+    }
     await rp_job.handle_job(None, config, job)
     events = chat_events(engine.calls[0])
     assert network.streamed == [{"output": e} for e in events]
     assert network.sent == [({"output": events}, True)]
 
 
-async def test_runpod_fails_the_job_with_the_json_error(engine: FakeEngine, settings: Settings,
-                                                        network: RunPodNetwork) -> None:
+async def test_runpod_fails_the_job_with_the_json_error(
+    engine: FakeEngine, settings: Settings, network: RunPodNetwork
+) -> None:
     config = {"handler": make_handler(engine, settings), "return_aggregate_stream": True}
     await rp_job.handle_job(None, config, {"id": "j", "input": {"openai_route": "/v2/nothing"}})
     assert network.streamed == []
     [(result, is_stream)] = network.sent
     assert is_stream and list(result) == ["error"]
-    assert json.loads(result["error"]) == {"error": {
-        "message": "unknown openai_route '/v2/nothing'; supported routes: /v1/chat/completions, "
-                   "/v1/completions, /v1/models",
-        "type": "NotFoundError", "param": "openai_route", "code": 404}}
+    assert json.loads(result["error"]) == {
+        "error": {
+            "message": "unknown openai_route '/v2/nothing'; supported routes: "
+            "/v1/chat/completions, /v1/completions, /v1/models",
+            "type": "NotFoundError",
+            "param": "openai_route",
+            "code": 404,
+        }
+    }

@@ -8,23 +8,47 @@ from handler.settings import Settings, SettingsError, env_names, load_settings
 def test_defaults() -> None:
     s = load_settings({})
     assert (s.model, s.model_id, s.max_model_len, s.dtype) == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", None, "auto")
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        None,
+        "auto",
+    )
     assert (s.max_concurrency, s.default_max_tokens, s.flush_interval_s) == (32, 512, 0.05)
     assert s.engine_passthrough == {}
 
 
 def test_official_worker_names_keep_their_meaning() -> None:
-    s = load_settings({"MODEL_NAME": "org/model", "MAX_MODEL_LEN": "4096",
-                       "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "my-model", "MAX_CONCURRENCY": "8",
-                       "DTYPE": "bfloat16", "LOG_LEVEL": "debug", "MODEL_REVISION": ""})
-    assert (s.model, s.model_id, s.max_model_len, s.max_concurrency, s.dtype, s.log_level,
-            s.model_revision) == ("org/model", "my-model", 4096, 8, "bfloat16", "DEBUG", None)
+    s = load_settings(
+        {
+            "MODEL_NAME": "org/model",
+            "MAX_MODEL_LEN": "4096",
+            "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "my-model",
+            "MAX_CONCURRENCY": "8",
+            "DTYPE": "bfloat16",
+            "LOG_LEVEL": "debug",
+            "MODEL_REVISION": "",
+        }
+    )
+    assert (
+        s.model,
+        s.model_id,
+        s.max_model_len,
+        s.max_concurrency,
+        s.dtype,
+        s.log_level,
+        s.model_revision,
+    ) == ("org/model", "my-model", 4096, 8, "bfloat16", "DEBUG", None)
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("MAX_MODEL_LEN", "lots"), ("MAX_CONCURRENCY", "0"), ("DTYPE", "int3"),
-     ("STREAM_FLUSH_INTERVAL_MS", "-1"), ("KV_CACHE_GB", "big")],
+    [
+        ("MAX_MODEL_LEN", "lots"),
+        ("MAX_CONCURRENCY", "0"),
+        ("DTYPE", "int3"),
+        ("STREAM_FLUSH_INTERVAL_MS", "-1"),
+        ("KV_CACHE_GB", "big"),
+    ],
 )
 def test_malformed_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError) as caught:
@@ -33,10 +57,18 @@ def test_malformed_value_names_the_variable(name: str, value: str) -> None:
 
 
 def test_other_upper_case_variables_are_kept_for_the_engine() -> None:
-    env = {"TENSOR_PARALLEL_SIZE": "2", "ENABLE_PREFIX_CACHING": "true", "PATH": "/bin",
-           "HOME": "/root", "lower_case": "x", "MAX_MODEL_LEN": "128"}
-    assert load_settings(env).engine_passthrough == {"TENSOR_PARALLEL_SIZE": "2",
-                                                      "ENABLE_PREFIX_CACHING": "true"}
+    env = {
+        "TENSOR_PARALLEL_SIZE": "2",
+        "ENABLE_PREFIX_CACHING": "true",
+        "PATH": "/bin",
+        "HOME": "/root",
+        "lower_case": "x",
+        "MAX_MODEL_LEN": "128",
+    }
+    assert load_settings(env).engine_passthrough == {
+        "TENSOR_PARALLEL_SIZE": "2",
+        "ENABLE_PREFIX_CACHING": "true",
+    }
 
 
 def test_settings_are_frozen() -> None:

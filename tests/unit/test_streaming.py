@@ -120,8 +120,11 @@ async def test_cancelling_the_reader_closes_the_source() -> None:
     assert log == ["closed"]
 
 
-CALL = EngineCall("/v1/chat/completions", {"model": "m", "stream": True,
-                                           "stream_options": {"include_usage": True}}, "r1")
+CALL = EngineCall(
+    "/v1/chat/completions",
+    {"model": "m", "stream": True, "stream_options": {"include_usage": True}},
+    "r1",
+)
 
 
 def test_sse_text_is_the_events_joined() -> None:
@@ -132,21 +135,43 @@ def test_sse_text_is_the_events_joined() -> None:
 
 def test_chunk_dicts_merge_text_deltas_and_keep_usage_apart() -> None:
     merged = chunk_dicts(chat_events(CALL))
-    head = {"id": "chatcmpl-r1", "object": "chat.completion.chunk", "created": 1700000000,
-            "model": "m"}
+    head = {
+        "id": "chatcmpl-r1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "m",
+    }
     assert merged == [
-        {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": TEXT},
-                              "logprobs": None, "finish_reason": "stop"}]},
-        {**head, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 7,
-                                          "total_tokens": 19}},
+        {
+            **head,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": TEXT},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+        },
+        {
+            **head,
+            "choices": [],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+        },
     ]
 
 
 def test_chunk_dicts_merge_completion_text() -> None:
     call = EngineCall("/v1/completions", {"model": "m", "stream": True}, "r2")
     assert chunk_dicts(completion_events(call)) == [
-        {"id": "cmpl-r2", "object": "text_completion", "created": 1700000000, "model": "m",
-         "choices": [{"index": 0, "text": TEXT, "logprobs": None, "finish_reason": "length"}]}]
+        {
+            "id": "cmpl-r2",
+            "object": "text_completion",
+            "created": 1700000000,
+            "model": "m",
+            "choices": [{"index": 0, "text": TEXT, "logprobs": None, "finish_reason": "length"}],
+        }
+    ]
 
 
 def test_chunk_dicts_merge_logprobs_and_keep_tool_calls_apart() -> None:
@@ -154,12 +179,19 @@ def test_chunk_dicts_merge_logprobs_and_keep_tool_calls_apart() -> None:
 
     def chunk(delta: dict[str, object], lp: list[str] | None = None) -> str:
         logprobs = None if lp is None else {"content": lp}
-        return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": None}]})
+        return sse(
+            {
+                **head,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+                ],
+            }
+        )
 
     tool = {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}
-    merged = chunk_dicts([chunk({"content": "a"}, ["a"]), chunk({"content": "b"}, ["b"]),
-                          chunk(tool), chunk(tool)])
+    merged = chunk_dicts(
+        [chunk({"content": "a"}, ["a"]), chunk({"content": "b"}, ["b"]), chunk(tool), chunk(tool)]
+    )
     assert [c["choices"][0]["delta"] for c in merged] == [{"content": "ab"}, tool, tool]
     assert merged[0]["choices"][0]["logprobs"] == {"content": ["a", "b"]}
 
@@ -169,4 +201,7 @@ def test_an_error_event_raises() -> None:
     with pytest.raises(EngineError) as caught:
         parse_events([sse(error)])
     assert (caught.value.status, caught.value.type, caught.value.param) == (
-        400, "BadRequestError", "n")
+        400,
+        "BadRequestError",
+        "n",
+    )

@@ -42,5 +42,9 @@ def test_process_defaults_keep_values_already_set(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("VLLM_NO_USAGE_STATS", raising=False)
     settings.apply_process_environment({"EXTRA_SWITCH": "on"})
     env = settings.environment()
-    assert (env["DO_NOT_TRACK"], env["VLLM_NO_USAGE_STATS"], env["EXTRA_SWITCH"]) == ("0", "1", "on")
+    assert (env["DO_NOT_TRACK"], env["VLLM_NO_USAGE_STATS"], env["EXTRA_SWITCH"]) == (
+        "0",
+        "1",
+        "on",
+    )
     monkeypatch.delenv("EXTRA_SWITCH")
