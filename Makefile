@@ -1,6 +1,6 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run test unit integration lint format clean-cache
+.PHONY: help setup run test unit integration lint format bench-stream
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
@@ -25,10 +25,13 @@ integration:
 	scripts/in-env python -m pytest tests/integration
 
 lint:
-	scripts/in-env ruff check handler tests builder
-	scripts/in-env ruff format --check handler tests builder
+	scripts/in-env ruff check handler tests builder bench
+	scripts/in-env ruff format --check handler tests builder bench
 	scripts/in-env mypy
 
 format:
 	scripts/in-env ruff format handler tests builder
 	scripts/in-env ruff check --fix handler tests builder
+
+bench-stream:
+	scripts/in-env python bench/stream_overhead.py

@@ -264,13 +264,16 @@ class VllmEngine:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         pump = asyncio.run_coroutine_threadsafe(_pump(events, deliver), self._loop)
+        ended = False
         try:
             while (item := await queue.get()) is not _Bridge.END:
                 if isinstance(item, _Bridge.Failure):
+                    ended = True
                     raise item.exc
                 yield item  # type: ignore[misc]
+            ended = True
         finally:
-            if not pump.done():
+            if not ended:
                 await self._abort(pump, call)
 
     async def _abort(self, pump: Future[None], call: EngineCall) -> None:

@@ -1,0 +1,152 @@
+"""The worker as a process: runpod's --rp_serve_api around the handler, a clean SIGTERM with no
+orphaned vLLM process, and what happens when the engine process dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from handler.engine import VllmEngine
+from handler.jobs import make_handler
+from handler.settings import Settings
+from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+ANSWER = "The capital of France is Paris."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return dict(json.loads(response.read()))
+
+
+def wait_for_server(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1)
+    pytest.fail("the worker's API did not come up")
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_rp_serve_api_then_sigterm_leaves_no_process(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {**os.environ, **worker_env}
+    env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "handler",
+                "--rp_serve_api",
+                "--rp_api_host",
+                "127.0.0.1",
+                "--rp_api_port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_server(f"{base}/docs", proc, log)
+        job = {
+            "input": {"messages": QUESTION, "sampling_params": {"temperature": 0, "max_tokens": 24}}
+        }
+        result = post(f"{base}/runsync", job)
+        assert result["status"] == "COMPLETED"
+        [response] = result["output"]
+        assert response["choices"][0]["message"]["content"] == ANSWER
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "vLLM runs its engine in child processes"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        time.sleep(1)
+        assert alive(children) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_python_m_handler_without_runpod_runs_the_test_job(worker_env: dict[str, str]) -> None:
+    env = {**os.environ, **worker_env}
+    env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
+    job = {
+        "input": {
+            "prompt": "Paris is the capital of",
+            "sampling_params": {"max_tokens": 4, "temperature": 0},
+        }
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "handler", "--test_input", json.dumps(job)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    answers = [line for line in done.stdout.splitlines() if line.startswith("answer: ")]
+    assert answers == ["answer:  France."]
+
+
+async def test_engine_death_fails_jobs_and_reports(settings: Settings) -> None:
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    died = threading.Event()
+    engine = VllmEngine.start(settings, on_dead=died.set)
+    try:
+        mine = [p for p in me.children(recursive=True) if p.pid not in before]
+        [core] = [p for p in mine if "EngineCore" in p.name() + " ".join(p.cmdline())]
+        core.kill()
+        assert died.wait(30), "the engine's health watch did not notice"
+        reported: list[str] = []
+        handler = make_handler(engine, settings, lambda: reported.append("dead"))
+        outputs = [o async for o in handler({"id": "late", "input": {"prompt": "x"}})]
+        assert len(outputs) == 1
+        assert json.loads(outputs[0]["error"])["error"]["code"] == 503
+        assert reported == ["dead"]
+    finally:
+        engine.shutdown()
+    time.sleep(1)
+    assert alive(mine) == []
