@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import psutil
 from pydantic import BaseModel, ValidationError
 
 from handler.errors import EngineDead, InvalidRequest, NotFound, from_validation_error
@@ -164,6 +165,7 @@ class VllmEngine:
         self._on_dead = on_dead
         self._dead = False
         self._closed = False
+        self._processes: list[psutil.Process] = []
 
     @classmethod
     def start(cls, settings: Settings, on_dead: Callable[[], None] = lambda: None) -> VllmEngine:
@@ -180,6 +182,7 @@ class VllmEngine:
             thread.join(timeout=10)
             raise
         engine = cls(loop, thread, client, state, stack, on_dead)
+        engine._processes = _child_processes()
         asyncio.run_coroutine_threadsafe(engine._watch_health(), loop)
         log.info(
             "engine ready in %.1f s (model %s)", time.perf_counter() - started, settings.model_id
@@ -210,6 +213,7 @@ class VllmEngine:
             asyncio.run_coroutine_threadsafe(self._stack.aclose(), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        _reap(self._processes)
         log.info("engine stopped")
 
     async def _on_engine_loop(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -292,6 +296,25 @@ class VllmEngine:
                 log.critical("the vLLM engine has died")
                 self._on_dead()
                 return
+
+
+def _child_processes() -> list[psutil.Process]:
+    """The engine's process tree (EngineCore and its workers), recorded once it is up."""
+    return list(psutil.Process().children(recursive=True))
+
+
+def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
+    """Stop whatever vLLM's own shutdown left behind (e.g. the workers of a killed EngineCore)."""
+    left = [p for p in processes if p.is_running()]
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(left, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if left:
+        log.warning("stopped %d engine process(es) left after shutdown", len(left))
 
 
 async def _pump(events: AsyncIterator[str], deliver: Callable[[object], None]) -> None:

@@ -91,8 +91,9 @@ def runpod_config(settings: Settings, handler: Callable[..., Any]) -> dict[str, 
     }
 
 
-def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+def _exit_on_signal(_signum: int, _frame: FrameType | None) -> None:
+    """A requested stop: unwind through the engine shutdown and exit 0."""
+    raise SystemExit(0)
 
 
 def load_or_exit() -> Settings:

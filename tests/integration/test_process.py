@@ -3,6 +3,7 @@ orphaned vLLM process, and what happens when the engine process dies."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -111,12 +112,7 @@ def test_rp_serve_api_then_sigterm_leaves_no_process(
 def test_python_m_handler_without_runpod_runs_the_test_job(worker_env: dict[str, str]) -> None:
     env = {**os.environ, **worker_env}
     env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
-    job = {
-        "input": {
-            "prompt": "Paris is the capital of",
-            "sampling_params": {"max_tokens": 4, "temperature": 0},
-        }
-    }
+    job = {"input": {"messages": QUESTION, "sampling_params": {"max_tokens": 24, "temperature": 0}}}
     done = subprocess.run(
         [sys.executable, "-m", "handler", "--test_input", json.dumps(job)],
         cwd=ROOT,
@@ -127,7 +123,7 @@ def test_python_m_handler_without_runpod_runs_the_test_job(worker_env: dict[str,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     answers = [line for line in done.stdout.splitlines() if line.startswith("answer: ")]
-    assert answers == ["answer:  France."]
+    assert answers == [f"answer: {ANSWER}"]
 
 
 async def test_engine_death_fails_jobs_and_reports(settings: Settings) -> None:
@@ -148,5 +144,5 @@ async def test_engine_death_fails_jobs_and_reports(settings: Settings) -> None:
         assert reported == ["dead"]
     finally:
         engine.shutdown()
-    time.sleep(1)
+    await asyncio.sleep(1)
     assert alive(mine) == []
