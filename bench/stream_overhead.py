@@ -146,7 +146,7 @@ def main() -> None:
     finally:
         engine.shutdown()
     bare = runs["bare AsyncLLM"]
-    print(f"\ncold start (engine + OpenAI layer, imports excluded): {cold:.1f} s")
+    print(f"\ncold start (import vllm, engine, OpenAI layer): {cold:.1f} s")
     print(f"{MAX_TOKENS}-token stream, prompt {len(ids)} tokens, median of {repeats}\n")
     print("| path | TTFT ms | tokens/s | vs bare tokens/s | yields per stream |")
     print("|---|---|---|---|---|")

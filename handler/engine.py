@@ -303,9 +303,17 @@ def _child_processes() -> list[psutil.Process]:
     return list(psutil.Process().children(recursive=True))
 
 
+def _alive(proc: psutil.Process) -> bool:
+    """Running, and not a zombie that has exited and only waits to be collected."""
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
 def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
     """Stop whatever vLLM's own shutdown left behind (e.g. the workers of a killed EngineCore)."""
-    left = [p for p in processes if p.is_running()]
+    left = [p for p in processes if _alive(p)]
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
