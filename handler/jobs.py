@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from handler.errors import EngineDead, job_error
+from handler.errors import EngineDead, WorkerError, job_error
 from handler.protocol import Engine, Shape, parse_job, to_engine_call
 from handler.settings import Settings
 from handler.streaming import chunk_dicts, coalesce, sse_text
@@ -77,8 +77,6 @@ def _frame(batch: list[str], shape: Shape) -> list[Any]:
 
 
 def _log_failure(job_id: str, exc: Exception) -> None:
-    from handler.errors import WorkerError
-
     if isinstance(exc, WorkerError) and exc.status < 500:
         log.info("job %s rejected: %s", job_id, exc.message)
     else:
