@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from handler.errors import EngineDead, InvalidRequest, NotFound, from_validation_error
 from handler.protocol import EngineCall, EngineReply
 from handler.settings import Settings, SettingsError, env_names
-from handler.streaming import engine_error
+from handler.streaming import END, Failure, engine_error, pump
 
 log = logging.getLogger("handler.engine")
 T = TypeVar("T")
@@ -136,16 +136,6 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], what: str) -> argpa
         raise SettingsError(
             f"invalid {what}: {detail[-1] if detail else 'rejected by vLLM'}"
         ) from None
-
-
-class _Bridge:
-    """Markers carried from the engine loop to the job's loop."""
-
-    END = object()
-
-    class Failure:
-        def __init__(self, exc: BaseException) -> None:
-            self.exc = exc
 
 
 class VllmEngine:
@@ -267,21 +257,21 @@ class VllmEngine:
             with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        pump = asyncio.run_coroutine_threadsafe(_pump(events, deliver), self._loop)
+        pumping = asyncio.run_coroutine_threadsafe(pump(events, deliver), self._loop)
         ended = False
         try:
-            while (item := await queue.get()) is not _Bridge.END:
-                if isinstance(item, _Bridge.Failure):
+            while (item := await queue.get()) is not END:
+                if isinstance(item, Failure):
                     ended = True
                     raise item.exc
                 yield item  # type: ignore[misc]
             ended = True
         finally:
             if not ended:
-                await self._abort(pump, call)
+                await self._abort(pumping, call)
 
-    async def _abort(self, pump: Future[None], call: EngineCall) -> None:
-        pump.cancel()
+    async def _abort(self, pumping: Future[None], call: EngineCall) -> None:
+        pumping.cancel()
         ids = [f"chatcmpl-{call.request_id}", f"cmpl-{call.request_id}"]
         done = asyncio.run_coroutine_threadsafe(self._client.abort(ids), self._loop)
         with contextlib.suppress(Exception):
@@ -323,16 +313,6 @@ def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
             proc.kill()
     if left:
         log.warning("stopped %d engine process(es) left after shutdown", len(left))
-
-
-async def _pump(events: AsyncIterator[str], deliver: Callable[[object], None]) -> None:
-    try:
-        async for event in events:
-            deliver(event)
-    except Exception as exc:
-        deliver(_Bridge.Failure(exc))
-    else:
-        deliver(_Bridge.END)
 
 
 async def _open(args: argparse.Namespace) -> tuple[Any, Any, contextlib.AsyncExitStack]:

@@ -73,7 +73,7 @@ async def run_job(
 def _frame(batch: list[str], shape: Shape) -> list[Any]:
     if shape is Shape.OPENAI:
         return [sse_text(batch)]
-    return list(chunk_dicts(batch))
+    return chunk_dicts(batch)
 
 
 def _log_failure(job_id: str, exc: Exception) -> None:

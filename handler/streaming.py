@@ -23,25 +23,28 @@ from typing import Any
 
 from handler.errors import EngineError
 
-DONE_EVENT = "data: [DONE]\n\n"
-_END = object()
+END = object()  # marks the end of a pumped stream
 
 
-class _Failure:
+class Failure:
+    """Carries a pumped stream's exception to its reader."""
+
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
 
-async def _pump(source: AsyncIterator[str], queue: asyncio.Queue[object]) -> None:
+async def pump(source: AsyncIterator[str], deliver: Callable[[object], None]) -> None:
+    """Hand every event of ``source`` to ``deliver``, then END or the Failure that ended it.
+
+    Cancellation propagates (no END): the reader that cancelled knows.
+    """
     try:
         async for item in source:
-            queue.put_nowait(item)
-    except asyncio.CancelledError:
-        raise
+            deliver(item)
     except Exception as exc:  # handed to the reader, which raises it in the job's task
-        queue.put_nowait(_Failure(exc))
+        deliver(Failure(exc))
     else:
-        queue.put_nowait(_END)
+        deliver(END)
 
 
 def _take_ready(queue: asyncio.Queue[object], batch: list[object]) -> None:
@@ -50,7 +53,7 @@ def _take_ready(queue: asyncio.Queue[object], batch: list[object]) -> None:
 
 
 def _is_last(item: object) -> bool:
-    return item is _END or isinstance(item, _Failure)
+    return item is END or isinstance(item, Failure)
 
 
 async def _fill_until(
@@ -81,7 +84,7 @@ async def coalesce(
     task that reads ``events`` (which aborts the engine request behind it).
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
-    pump = asyncio.create_task(_pump(events, queue))
+    reader = asyncio.create_task(pump(events, queue.put_nowait))
     try:
         sent, last_flush = 0, clock()
         while True:
@@ -94,15 +97,15 @@ async def coalesce(
             if events_out:
                 yield events_out
                 sent, last_flush = sent + len(events_out), clock()
-            if isinstance(batch[-1], _Failure):
+            if isinstance(batch[-1], Failure):
                 raise batch[-1].exc
-            if batch[-1] is _END:
+            if batch[-1] is END:
                 return
     finally:
-        if not pump.done():
-            pump.cancel()
+        if not reader.done():
+            reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await pump
+            await reader
 
 
 def sse_text(batch: Iterable[str]) -> str:

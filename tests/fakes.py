@@ -32,77 +32,40 @@ def usage(prompt: int = 12, completion: int = len(TOKENS)) -> dict[str, Any]:
     }
 
 
-def chat_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]:
-    cid = f"chatcmpl-{call.request_id}"
+def _stream(
+    call: EngineCall, prefix: str, obj: str, choices: list[dict[str, Any]], generated: int
+) -> list[str]:
+    """vLLM's SSE framing: one chunk per choice, a usage chunk when asked, then [DONE]."""
     head = {
-        "id": cid,
-        "object": "chat.completion.chunk",
+        "id": f"{prefix}-{call.request_id}",
+        "object": obj,
         "created": CREATED,
         "model": call.body["model"],
     }
-    events = [
-        sse(
-            {
-                **head,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-            }
-        )
-    ]
-    for i, token in enumerate(tokens):
-        last = i == len(tokens) - 1
-        events.append(
-            sse(
-                {
-                    **head,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"content": token},
-                            "logprobs": None,
-                            "finish_reason": "stop" if last else None,
-                        }
-                    ],
-                }
-            )
-        )
+    events = [sse({**head, "choices": [{"index": 0, "logprobs": None, **c}]}) for c in choices]
     if (call.body.get("stream_options") or {}).get("include_usage"):
-        events.append(sse({**head, "choices": [], "usage": usage(completion=len(tokens))}))
+        events.append(sse({**head, "choices": [], "usage": usage(completion=generated)}))
     return [*events, "data: [DONE]\n\n"]
+
+
+def _finish(i: int, tokens: list[str], reason: str) -> str | None:
+    return reason if i == len(tokens) - 1 else None
+
+
+def chat_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]:
+    role = {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    deltas = [
+        {"delta": {"content": t}, "finish_reason": _finish(i, tokens, "stop")}
+        for i, t in enumerate(tokens)
+    ]
+    return _stream(call, "chatcmpl", "chat.completion.chunk", [role, *deltas], len(tokens))
 
 
 def completion_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]:
-    head = {
-        "id": f"cmpl-{call.request_id}",
-        "object": "text_completion",
-        "created": CREATED,
-        "model": call.body["model"],
-    }
-    events = [
-        sse(
-            {
-                **head,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": token,
-                        "logprobs": None,
-                        "finish_reason": "length" if i == len(tokens) - 1 else None,
-                    }
-                ],
-            }
-        )
-        for i, token in enumerate(tokens)
+    texts = [
+        {"text": t, "finish_reason": _finish(i, tokens, "length")} for i, t in enumerate(tokens)
     ]
-    if (call.body.get("stream_options") or {}).get("include_usage"):
-        events.append(sse({**head, "choices": [], "usage": usage(completion=len(tokens))}))
-    return [*events, "data: [DONE]\n\n"]
+    return _stream(call, "cmpl", "text_completion", texts, len(tokens))
 
 
 def chat_response(call: EngineCall) -> dict[str, Any]:
