@@ -2,10 +2,10 @@
 
 In production every value a handler yields is one HTTP POST to RunPod, and runpod's SDK awaits
 each POST before it pulls the next value. :func:`coalesce` therefore reads the engine's events in a
-task of its own and hands out batches: the first events at once (vLLM's chat stream opens with a
-role-only chunk, so the first token is the second event), later ones merged for up to the flush
-interval, and whatever piled up while a POST was in flight. A batch never splits an event, so no
-SSE event and no UTF-8 character is ever cut.
+task of its own and hands out batches: every event at once until one with generated output has
+gone out (vLLM's chat stream opens with a role-only chunk, and a first token can decode to ""),
+later ones merged for up to the flush interval, and whatever piled up while a POST was in flight.
+A batch never splits an event, so no SSE event and no UTF-8 character is ever cut.
 
 Framing: :func:`sse_text` joins a batch for the OpenAI route (what an OpenAI client reads);
 :func:`chunk_dicts` parses it into OpenAI chunk dicts for the native shape and merges adjacent text
@@ -75,28 +75,30 @@ async def coalesce(
     events: AsyncIterator[str],
     interval: float,
     *,
-    immediate: int = 2,
     clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[list[str]]:
     """Batches of consecutive events; each batch is one yield, hence one POST to RunPod.
 
-    ``interval`` <= 0 gives every event its own batch. Closing or cancelling the reader cancels the
+    Until an event with generated output has gone out, every batch goes at once (with whatever
+    is already waiting): nothing holds the first token. ``interval`` <= 0 gives every event its
+    own batch. Closing or cancelling the reader cancels the
     task that reads ``events`` (which aborts the engine request behind it).
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
     reader = asyncio.create_task(pump(events, queue.put_nowait))
     try:
-        sent, last_flush = 0, clock()
+        output_sent, last_flush = False, clock()
         while True:
             batch: list[object] = [await queue.get()]
-            if interval > 0 and sent >= immediate:
+            if interval > 0 and output_sent:
                 await _fill_until(queue, batch, last_flush + interval, clock)
             elif interval > 0:
                 _take_ready(queue, batch)
             events_out = [item for item in batch if isinstance(item, str)]
             if events_out:
                 yield events_out
-                sent, last_flush = sent + len(events_out), clock()
+                output_sent = output_sent or any(map(carries_output, events_out))
+                last_flush = clock()
             if isinstance(batch[-1], Failure):
                 raise batch[-1].exc
             if batch[-1] is END:
@@ -106,6 +108,26 @@ async def coalesce(
             reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
+
+
+_OUTPUT_KEYS = ("content", "reasoning_content", "reasoning", "tool_calls", "text")
+
+
+def carries_output(event: str) -> bool:
+    """Whether an SSE event carries generated output (not only a role, or an empty string).
+
+    Parses JSON, so it runs only until the first such event of a stream.
+    """
+    try:
+        chunks = parse_events([event])
+    except (ValueError, EngineError):
+        return True  # an error event or unparsable text: send, do not hold
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            fields = {**choice, **(choice.get("delta") or {})}
+            if any(fields.get(key) for key in _OUTPUT_KEYS):
+                return True
+    return False
 
 
 def sse_text(batch: Iterable[str]) -> str:

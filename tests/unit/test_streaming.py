@@ -7,8 +7,15 @@ import pytest
 
 from handler.errors import EngineError
 from handler.protocol import EngineCall
-from handler.streaming import chunk_dicts, coalesce, parse_events, sse_text
+from handler.streaming import carries_output, chunk_dicts, coalesce, parse_events, sse_text
 from tests.fakes import TEXT, chat_events, completion_events, sse
+
+
+def tok(text: str) -> str:
+    return sse({"id": "c", "choices": [{"index": 0, "text": text, "finish_reason": None}]})
+
+
+ROLE = sse({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
 
 
 async def gated(gate: asyncio.Queue[str | None], log: list[str]) -> AsyncIterator[str]:
@@ -36,7 +43,7 @@ async def test_interval_zero_sends_every_event_alone() -> None:
     assert await collect(source(), 0) == [["a"], ["b"], ["c"], ["d"]]
 
 
-async def test_first_two_events_go_at_once_then_events_merge_until_the_end() -> None:
+async def test_events_go_at_once_until_output_has_gone_then_merge() -> None:
     gate: asyncio.Queue[str | None] = asyncio.Queue()
     log: list[str] = []
     batches: list[list[str]] = []
@@ -46,17 +53,22 @@ async def test_first_two_events_go_at_once_then_events_merge_until_the_end() -> 
             batches.append(batch)
 
     task = asyncio.create_task(consume())
-    for event in ["role", "tok1"]:
+    for event in [ROLE, tok(""), tok("The")]:  # no output yet, twice, then the first token
         await gate.put(event)
         await settle()
         assert batches[-1] == [event]  # out before the next event exists
-    for event in ["tok2", "tok3", "tok4"]:
+    for event in [tok(" capital"), tok(" is"), tok(" Paris")]:
         await gate.put(event)
         await settle()
-    assert len(batches) == 2  # held: the interval has not passed
+    assert len(batches) == 3  # held: the interval has not passed
     await gate.put(None)
     await task
-    assert batches == [["role"], ["tok1"], ["tok2", "tok3", "tok4"]]
+    assert batches == [
+        [ROLE],
+        [tok("")],
+        [tok("The")],
+        [tok(" capital"), tok(" is"), tok(" Paris")],
+    ]
     assert log == ["closed"]
 
 
@@ -69,26 +81,27 @@ async def test_a_held_event_goes_out_when_the_interval_passes() -> None:
             batches.append(batch)
 
     task = asyncio.create_task(consume())
-    for event in ["a", "b", "c"]:
+    for event in [tok("a"), tok("b")]:
         await gate.put(event)
         await settle()
+    assert batches == [[tok("a")]]  # b is held: the interval has not passed
     await asyncio.sleep(0.5)  # far past the 50 ms interval, with no new event
-    assert batches == [["a"], ["b"], ["c"]]
+    assert batches == [[tok("a")], [tok("b")]]
     await gate.put(None)
     await task
 
 
 async def test_events_that_pile_up_during_a_slow_post_are_one_batch() -> None:
     async def source() -> AsyncIterator[str]:
-        for e in ["a", "b", "c", "d", "e"]:
+        for e in "abcde":
             await asyncio.sleep(0)
-            yield e
+            yield tok(e)
 
     batches: list[list[str]] = []
     async for batch in coalesce(source(), 0.001):
         batches.append(batch)
         await asyncio.sleep(0.05)  # the POST to RunPod
-    assert batches == [["a"], ["b", "c", "d", "e"]]
+    assert batches == [[tok("a")], [tok(e) for e in "bcde"]]
 
 
 async def test_a_failing_source_delivers_what_came_then_raises() -> None:
@@ -125,6 +138,23 @@ CALL = EngineCall(
     {"model": "m", "stream": True, "stream_options": {"include_usage": True}},
     "r1",
 )
+
+
+@pytest.mark.parametrize(
+    ("event", "output"),
+    [
+        (ROLE, False),
+        (tok(""), False),
+        (tok("x"), True),
+        ("data: [DONE]\n\n", False),
+        (sse({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]}), True),
+        (sse({"choices": [{"index": 0, "delta": {"reasoning_content": "hm"}}]}), True),
+        (sse({"error": {"message": "m", "type": "t", "code": 400}}), True),
+        ("data: {oops", True),
+    ],
+)
+def test_carries_output(event: str, output: bool) -> None:
+    assert carries_output(event) is output
 
 
 def test_sse_text_is_the_events_joined() -> None:
