@@ -108,6 +108,16 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", alias="LOG_LEVEL", description="Log level of the worker's own logger."
     )
+    metrics_port: int = Field(
+        0,
+        alias="WORKER_METRICS_PORT",
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics (vLLM's own and the worker's) on this port; 0: off.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", alias="WORKER_METRICS_HOST", description="Address of the metrics server."
+    )
     runpod_webhook_get_job: str | None = Field(
         None,
         alias="RUNPOD_WEBHOOK_GET_JOB",

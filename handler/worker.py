@@ -115,6 +115,7 @@ def main() -> None:
 
     from handler.engine import VllmEngine
     from handler.jobs import make_handler
+    from handler.metrics import serve_metrics
 
     watch = EngineWatch(settings.engine_dead_grace_s, sigterm_self)
     try:
@@ -123,6 +124,7 @@ def main() -> None:
         print(f"worker not started: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     watch.before_exit = engine.shutdown
+    serve_metrics(settings, engine)
     try:
         if settings.on_runpod or "--rp_serve_api" in sys.argv:
             handler = make_handler(engine, settings, watch.trigger)

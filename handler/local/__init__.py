@@ -1,0 +1,1 @@
+"""A local stand-in for RunPod serverless: ``python -m handler.local`` (``make serve``)."""

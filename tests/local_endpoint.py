@@ -1,0 +1,134 @@
+"""Start ``python -m handler.local`` as a process for a test session, talk to it, stop it.
+
+Stopping checks what the issue promises: exit status 0 and no process left of those the endpoint
+started (workers, vLLM engine processes, runpod's ping process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+
+
+@dataclass
+class LocalEndpoint:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    key: str = KEY
+
+    @property
+    def base(self) -> str:
+        return f"{self.url}/v2/local"
+
+    @property
+    def openai_base(self) -> str:
+        return f"{self.base}/openai/v1"
+
+    def call(
+        self, method: str, path: str, body: Any = None, key: str | None = None, timeout: float = 60
+    ) -> tuple[int, Any]:
+        """One request to ``base + path`` (or to ``url + path`` for a path starting with //)."""
+        url = self.url + path[1:] if path.startswith("//") else self.base + path
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {self.key if key is None else key}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                raw = response.read()
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            raw, status = exc.read(), exc.code
+        return status, (json.loads(raw) if raw.strip() else None)
+
+    def workers(self) -> list[dict[str, Any]]:
+        status, body = self.call("GET", "//local/workers")
+        assert status == 200, body
+        return list(body)
+
+    def worker_metric(self, name: str, worker: int = 0) -> float:
+        url = self.workers()[worker]["metrics_url"]
+        with urllib.request.urlopen(url, timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"metric {name} not served by worker {worker}")
+
+    def wait_for(self, predicate: Any, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@contextlib.contextmanager
+def local_endpoint(
+    tmp: Path,
+    env: Mapping[str, str],
+    *args: str,
+    start_timeout: float = 300,
+) -> Iterator[LocalEndpoint]:
+    """The endpoint with ``args`` (``--workers``, ``--worker-module``, ...), key :data:`KEY`."""
+    ready = tmp / "ready.json"
+    log = tmp / "local-endpoint.log"
+    command = [sys.executable, "-m", "handler.local", "--port", "0", "--api-key", KEY]
+    command += ["--ready-file", str(ready), *args]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+    endpoint = LocalEndpoint(url="", process=process, log=log)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not ready.exists():
+            if process.poll() is not None:
+                code = process.returncode
+                raise AssertionError(f"endpoint exited with {code}:\n{endpoint.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"endpoint not ready in {start_timeout} s:\n{endpoint.tail()}")
+            time.sleep(0.2)
+        endpoint.url = json.loads(ready.read_text())["url"]
+        yield endpoint
+    finally:
+        stop(endpoint)
+
+
+def stop(endpoint: LocalEndpoint, timeout: float = 120) -> None:
+    """SIGTERM; then the endpoint must exit 0 and leave none of its processes behind."""
+    process = endpoint.process
+    if process.poll() is not None:
+        return
+    family = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"endpoint did not stop in {timeout} s:\n{endpoint.tail()}") from None
+    left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for orphan in left:
+        orphan.kill()
+    assert code == 0, f"endpoint exited with {code}:\n{endpoint.tail()}"
+    assert not left, f"processes left after shutdown: {[p.name() for p in left]}"
