@@ -1,9 +1,10 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run test unit integration lint format bench-stream
+.PHONY: help setup run serve test unit integration lint format bench-stream
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
+	@echo "make serve        set up, then serve a local RunPod endpoint (ARGS=\"--workers 2 ...\")"
 	@echo "make test         set up, then lint, type-check and run every test"
 	@echo "make unit         fast tests on the fake engine"
 	@echo "make integration  tests on the real vLLM engine"
@@ -14,6 +15,9 @@ setup:
 
 run:
 	scripts/in-env python -m handler.run_local test_input.json
+
+serve:
+	scripts/in-env python -m handler.local $(ARGS)
 
 test: lint
 	scripts/in-env python -m pytest
@@ -30,8 +34,8 @@ lint:
 	scripts/in-env mypy
 
 format:
-	scripts/in-env ruff format handler tests builder
-	scripts/in-env ruff check --fix handler tests builder
+	scripts/in-env ruff format handler tests builder bench
+	scripts/in-env ruff check --fix handler tests builder bench
 
 bench-stream:
 	scripts/in-env python bench/stream_overhead.py
