@@ -53,7 +53,14 @@ async def serve(options: Options) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
-    sock = bind(options)
+    try:
+        sock = bind(options)
+    except OSError as exc:
+        print(
+            f"local endpoint not started: {options.host}:{options.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     metrics = Metrics()

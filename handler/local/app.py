@@ -109,8 +109,12 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
         return error_response(InvalidRequest("; ".join(parts)))
 
     @app.exception_handler(HTTPException)
-    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(WorkerError(str(exc.detail), status=exc.status_code, type="Error"))
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFound(f"No route {request.url.path}."))
+        return error_response(
+            WorkerError(str(exc.detail), status=exc.status_code, type="InvalidRequestError")
+        )
 
     def authorize(request: Request) -> None:
         if options.api_key:

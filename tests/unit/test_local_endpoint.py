@@ -8,6 +8,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,3 +261,32 @@ def _raw(endpoint: LocalEndpoint, path: str) -> str:
 
     with urllib.request.urlopen(endpoint.url + path, timeout=10) as response:
         return str(response.read().decode())
+
+
+def test_unknown_routes_and_endpoints_get_openai_errors(endpoint: LocalEndpoint) -> None:
+    assert endpoint.call("GET", "//v2/other/health") == (
+        404,
+        {
+            "error": {
+                "message": "No route /v2/other/health.",
+                "type": "NotFoundError",
+                "param": None,
+                "code": 404,
+            }
+        },
+    )
+    status, body = endpoint.call("GET", "/status/local-nothing")
+    assert (status, body["error"]["type"]) == (404, "NotFoundError")
+
+
+def test_a_busy_port_is_a_clear_error(endpoint: LocalEndpoint) -> None:
+    port = endpoint.url.rsplit(":", 1)[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "handler.local", "--port", port, "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr.startswith(f"local endpoint not started: 127.0.0.1:{port}: ")
