@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import shlex
 import threading
@@ -55,8 +56,12 @@ _FALSE = {"0", "false", "no", "off", ""}
 _HEALTH_POLL_S = 0.5
 
 
-def owned_args(settings: Settings) -> list[str]:
-    """The ``vllm serve`` arguments that come from the worker's own settings."""
+_CONNECTOR_OWNER = "LMCACHE_ENABLED=false, to configure a KV connector yourself"
+
+
+def owned_args(settings: Settings, connector: Mapping[str, Any] | None = None) -> list[str]:
+    """The ``vllm serve`` arguments that come from the worker's own settings (and the LMCache
+    connector, when the worker runs an LMCache server)."""
     argv = [
         "--model",
         settings.model,
@@ -76,20 +81,28 @@ def owned_args(settings: Settings) -> list[str]:
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
+    if connector is not None:
+        # usage.prompt_tokens_details.cached_tokens counts prefix-cache and LMCache hits
+        argv += ["--kv-transfer-config", json.dumps(connector), "--enable-prompt-tokens-details"]
     return argv
 
 
-def passthrough_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> list[str]:
+def passthrough_args(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], connector: bool = False
+) -> list[str]:
     """``vllm serve`` arguments for the variables named like one of its flags."""
     actions = {opt: action for action in parser._actions for opt in action.option_strings}
+    owned = dict(_OWNED_FLAGS)
+    if connector:
+        owned["--kv-transfer-config"] = _CONNECTOR_OWNER
     argv: list[str] = []
     for name in sorted(env):
         flag = "--" + name.lower().replace("_", "-")
         action = actions.get(flag)
         if action is None:
             continue
-        if flag in _OWNED_FLAGS:
-            raise SettingsError(f"{name}: set {_OWNED_FLAGS[flag]} instead")
+        if flag in owned:
+            raise SettingsError(f"{name}: set {owned[flag]} instead")
         argv += _flag_args(name, flag, action, env[name])
     return argv
 
@@ -107,17 +120,21 @@ def _flag_args(name: str, flag: str, action: argparse.Action, value: str) -> lis
     return [flag, value]
 
 
-def build_args(settings: Settings) -> argparse.Namespace:
+def build_args(
+    settings: Settings, connector: Mapping[str, Any] | None = None
+) -> argparse.Namespace:
     """Parse the settings with vLLM's own ``vllm serve`` parser; errors name the variable."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    base = owned_args(settings)
+    base = owned_args(settings, connector)
     _parse(parser, base, "the model settings (" + ", ".join(sorted(env_names())) + ")")
     extra: list[str] = []
     for name in sorted(settings.engine_passthrough):
-        one = passthrough_args(parser, {name: settings.engine_passthrough[name]})
+        one = passthrough_args(
+            parser, {name: settings.engine_passthrough[name]}, connector is not None
+        )
         if one:
             _parse(parser, base + one, f"{name}={settings.engine_passthrough[name]!r}")
             extra += one
@@ -158,10 +175,17 @@ class VllmEngine:
         self._processes: list[psutil.Process] = []
 
     @classmethod
-    def start(cls, settings: Settings, on_dead: Callable[[], None] = lambda: None) -> VllmEngine:
-        """Build the engine and its serving layer; returns once it can take requests."""
+    def start(
+        cls,
+        settings: Settings,
+        on_dead: Callable[[], None] = lambda: None,
+        connector: Mapping[str, Any] | None = None,
+    ) -> VllmEngine:
+        """Build the engine and its serving layer; returns once it can take requests.
+        ``connector``: vLLM's kv-transfer config (the LMCache server's), if any."""
         started = time.perf_counter()
-        args = build_args(settings)
+        args = build_args(settings, connector)
+        before = {p.pid for p in _child_processes()}
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="vllm-engine-loop", daemon=True)
         thread.start()
@@ -172,7 +196,8 @@ class VllmEngine:
             thread.join(timeout=10)
             raise
         engine = cls(loop, thread, client, state, stack, on_dead)
-        engine._processes = _child_processes()
+        # the engine's own processes: not those already running (the LMCache server)
+        engine._processes = [p for p in _child_processes() if p.pid not in before]
         asyncio.run_coroutine_threadsafe(engine._watch_health(), loop)
         log.info(
             "engine ready in %.1f s (model %s)", time.perf_counter() - started, settings.model_id

@@ -25,7 +25,7 @@ from typing import Any
 from handler.errors import EngineDead, WorkerError, job_error
 from handler.protocol import Engine, Shape, parse_job, to_engine_call
 from handler.settings import Settings
-from handler.streaming import chunk_dicts, coalesce, sse_text
+from handler.streaming import cached_tokens, chunk_dicts, coalesce, sse_text, usage_in
 
 log = logging.getLogger("handler.jobs")
 
@@ -54,11 +54,15 @@ async def run_job(
         call, shape = to_engine_call(parse_job(job.get("input")), settings, job_id)
         reply = await engine.serve(call)
         if isinstance(reply, dict):
+            _log_usage(job_id, reply.get("usage"))
             yield reply
             return
+        usage = None
         async for batch in coalesce(reply, settings.flush_interval_s):
+            usage = usage_in(batch) or usage
             for output in _frame(batch, shape):
                 yield output
+        _log_usage(job_id, usage)
     except asyncio.CancelledError:
         log.info("job %s cancelled; its engine request was aborted", job_id)
         raise
@@ -74,6 +78,19 @@ def _frame(batch: list[str], shape: Shape) -> list[Any]:
     if shape is Shape.OPENAI:
         return [sse_text(batch)]
     return chunk_dicts(batch)
+
+
+def _log_usage(job_id: str, usage: Any) -> None:
+    """Prompt tokens and how many came from a cache (vLLM's prefix cache or LMCache); a stream
+    that did not ask for usage reports none."""
+    if isinstance(usage, dict) and "prompt_tokens" in usage:
+        log.info(
+            "job %s: %s prompt tokens, %d from cache, %s generated",
+            job_id,
+            usage["prompt_tokens"],
+            cached_tokens(usage),
+            usage.get("completion_tokens"),
+        )
 
 
 def _log_failure(job_id: str, exc: Exception) -> None:

@@ -17,7 +17,14 @@ from typing import Any
 
 from handler.settings import LOCAL_ONLY, apply_process_environment
 from handler.streaming import parse_events
-from handler.worker import RUNPOD_LOG_DEFAULTS, configure_logging, load_or_exit
+from handler.worker import (
+    RUNPOD_LOG_DEFAULTS,
+    configure_logging,
+    load_or_exit,
+    start_cache,
+    start_engine,
+    stop_all,
+)
 
 
 def answer_text(outputs: list[Any]) -> str:
@@ -86,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_or_exit()
     configure_logging(settings)
 
-    from handler.engine import VllmEngine
-
     started = time.perf_counter()
-    engine = VllmEngine.start(settings)
-    print(f"engine cold start: {time.perf_counter() - started:.1f} s", flush=True)
+    cache = start_cache(settings)
+    engine = None
     try:
+        engine = start_engine(settings, cache)
+        print(f"engine cold start: {time.perf_counter() - started:.1f} s", flush=True)
         return run_and_report(engine, settings, job)
     finally:
-        engine.shutdown()
+        stop_all(engine, cache)
 
 
 if __name__ == "__main__":

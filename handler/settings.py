@@ -14,10 +14,12 @@ This is the only module that reads or writes ``os.environ``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -41,6 +43,8 @@ _NOT_ENGINE_FLAGS = frozenset(
     {"HOME", "PATH", "PWD", "SHELL", "TERM", "USER", "LANG", "HOSTNAME", "HOST", "PORT", "CONFIG"}
 )
 _FLAG_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# Shared stores LMCACHE_L2_URL may name (RESP servers: Redis, Valkey; S3).
+L2_SCHEMES = frozenset({"redis", "valkey", "s3"})
 
 
 class SettingsError(ValueError):
@@ -108,6 +112,52 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", alias="LOG_LEVEL", description="Log level of the worker's own logger."
     )
+    lmcache_enabled: bool = Field(
+        True,
+        alias="LMCACHE_ENABLED",
+        description="Run an LMCache server beside the engine and keep KV caches in it.",
+    )
+    lmcache_l1_size_gb: float | None = Field(
+        None,
+        alias="LMCACHE_L1_SIZE_GB",
+        gt=0,
+        description="LMCache's CPU RAM tier in GiB; unset: a quarter of the memory the worker "
+        "may use, between 1 and 64.",
+    )
+    lmcache_chunk_size: int = Field(
+        256, alias="LMCACHE_CHUNK_SIZE", gt=0, description="Tokens per cached KV chunk."
+    )
+    lmcache_eviction_policy: Literal["LRU", "ARC", "IsolatedLRU"] = Field(
+        "LRU", alias="LMCACHE_EVICTION_POLICY", description="Eviction policy of the RAM tier."
+    )
+    lmcache_disk_path: str | None = Field(
+        None,
+        alias="LMCACHE_DISK_PATH",
+        description="Folder for a local disk tier (LMCache's `fs` L2 adapter); unset: none.",
+    )
+    lmcache_l2_url: str | None = Field(
+        None,
+        alias="LMCACHE_L2_URL",
+        description="Store shared by every worker: `redis://[user:password@]host:port` or "
+        "`valkey://...` (RESP), or `s3://bucket.host?region=REGION` (credentials from the "
+        "AWS environment).",
+    )
+    lmcache_l2_adapters: str | None = Field(
+        None,
+        alias="LMCACHE_L2_ADAPTERS",
+        description="Extra L2 adapters as a JSON list of LMCache `--l2-adapter` objects.",
+    )
+    lmcache_server_args: str = Field(
+        "",
+        alias="LMCACHE_SERVER_ARGS",
+        description="Further `lmcache server` flags, shell-quoted.",
+    )
+    lmcache_timeout_s: float = Field(
+        5.0,
+        alias="LMCACHE_TIMEOUT_S",
+        gt=0,
+        description="How long the engine waits on the cache server before it recomputes.",
+    )
     metrics_port: int = Field(
         0,
         alias="WORKER_METRICS_PORT",
@@ -132,10 +182,40 @@ class Settings(BaseModel):
         description="Other variables, passed to vLLM when named like one of its flags.",
     )
 
-    @field_validator("model_revision", "tokenizer", "served_model_name", mode="before")
+    @field_validator(
+        "model_revision",
+        "tokenizer",
+        "served_model_name",
+        "lmcache_l1_size_gb",
+        "lmcache_disk_path",
+        "lmcache_l2_url",
+        "lmcache_l2_adapters",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("lmcache_l2_url")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in L2_SCHEMES:
+            raise ValueError(f"the scheme must be one of {', '.join(sorted(L2_SCHEMES))}")
+        return value
+
+    @field_validator("lmcache_l2_adapters")
+    @classmethod
+    def _json_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not JSON: {exc}") from None
+            if not isinstance(parsed, list) or not all(
+                isinstance(item, dict) and "type" in item for item in parsed
+            ):
+                raise ValueError('expected a JSON list of objects with a "type"')
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

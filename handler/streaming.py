@@ -152,6 +152,25 @@ def parse_events(batch: Iterable[str]) -> list[dict[str, Any]]:
     return out
 
 
+def usage_in(batch: Iterable[str]) -> dict[str, Any] | None:
+    """The ``usage`` object of the batch's last event that has one (only those are parsed)."""
+    for event in reversed(list(batch)):
+        if '"usage":{' in event or '"usage": {' in event:
+            for line in reversed(event.splitlines()):
+                data = line[len("data:") :].strip() if line.startswith("data:") else ""
+                if data.startswith("{"):
+                    value = json.loads(data)
+                    if isinstance(value.get("usage"), dict):
+                        return dict(value["usage"])
+    return None
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """``usage.prompt_tokens_details.cached_tokens`` (0 when absent)."""
+    details = usage.get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)
+
+
 def engine_error(info: dict[str, Any]) -> EngineError:
     """An OpenAI error object from the engine as an EngineError."""
     code = info.get("code")

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from handler.lmcache import LMCacheServer
+from handler.protocol import Engine
 from handler.settings import (
     Settings,
     SettingsError,
@@ -34,6 +36,7 @@ from handler.settings import (
 
 log = logging.getLogger("handler.worker")
 
+CACHE_START_TIMEOUT_S = 120.0
 # runpod logs every yielded item, twice, at DEBUG (its default level).
 RUNPOD_LOG_DEFAULTS = {"RUNPOD_DEBUG_LEVEL": "INFO"}
 
@@ -113,19 +116,16 @@ def main() -> None:
 
     import runpod
 
-    from handler.engine import VllmEngine
     from handler.jobs import make_handler
     from handler.metrics import serve_metrics
 
     watch = EngineWatch(settings.engine_dead_grace_s, sigterm_self)
+    cache = start_cache(settings)
+    engine: Engine | None = None
     try:
-        engine = VllmEngine.start(settings, on_dead=watch.trigger)
-    except SettingsError as exc:
-        print(f"worker not started: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    watch.before_exit = engine.shutdown
-    serve_metrics(settings, engine)
-    try:
+        engine = start_engine(settings, cache, watch.trigger)
+        watch.before_exit = lambda: stop_all(engine, cache)
+        serve_metrics(settings, engine, cache)
         if settings.on_runpod or "--rp_serve_api" in sys.argv:
             handler = make_handler(engine, settings, watch.trigger)
             runpod.serverless.start(runpod_config(settings, handler))
@@ -135,6 +135,46 @@ def main() -> None:
             code = run_and_report(engine, settings, read_job(sys.argv[1:]))
             raise SystemExit(code)
     finally:
-        engine.shutdown()
+        stop_all(engine, cache)
     if watch.triggered or engine.dead:
         raise SystemExit(1)
+
+
+def start_cache(settings: Settings) -> LMCacheServer | None:
+    """The LMCache server starts first and warms up while vLLM loads the model."""
+    if not settings.lmcache_enabled:
+        return None
+    cache = LMCacheServer(settings)
+    cache.start()
+    return cache
+
+
+def start_engine(
+    settings: Settings, cache: LMCacheServer | None, on_dead: Callable[[], None] = lambda: None
+) -> Engine:
+    from handler.engine import VllmEngine
+
+    connector = cache.connector_config() if cache else None
+    try:
+        engine = VllmEngine.start(settings, on_dead=on_dead, connector=connector)
+    except SettingsError as exc:
+        print(f"worker not started: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if cache is not None:
+        started = time.perf_counter()
+        if cache.wait_healthy(CACHE_START_TIMEOUT_S):
+            log.info("LMCache server ready (waited %.1f s more)", time.perf_counter() - started)
+        else:
+            log.warning(
+                "LMCache server not healthy after %.0f s: requests are recomputed until it is",
+                CACHE_START_TIMEOUT_S,
+            )
+    return engine
+
+
+def stop_all(engine: Engine | None, cache: LMCacheServer | None) -> None:
+    """The engine first (it talks to the cache), then the cache server."""
+    if engine is not None:
+        engine.shutdown()
+    if cache is not None:
+        cache.stop()

@@ -64,12 +64,15 @@ class LocalEndpoint:
         assert status == 200, body
         return list(body)
 
-    def worker_metric(self, name: str, worker: int = 0) -> float:
+    def worker_metric(self, name: str, worker: int = 0, default: float | None = None) -> float:
+        """A metric's value (its first series) from a worker's own metrics server."""
         url = self.workers()[worker]["metrics_url"]
         with urllib.request.urlopen(url, timeout=10) as response:
             for line in response.read().decode().splitlines():
                 if line.startswith(name + " ") or line.startswith(name + "{"):
                     return float(line.rsplit(" ", 1)[1])
+        if default is not None:
+            return default
         raise AssertionError(f"metric {name} not served by worker {worker}")
 
     def wait_for(self, predicate: Any, what: str, timeout: float = 30) -> None:

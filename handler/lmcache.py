@@ -1,0 +1,347 @@
+"""LMCache beside the engine: a supervised ``lmcache server`` (multiprocess mode) and the
+connector configuration that points vLLM at it.
+
+In: :class:`~handler.settings.Settings`. The server gets a RAM tier (L1), optional L2 adapters
+(a local disk folder, a shared Redis/Valkey or S3 store, raw adapter JSON) and loopback ports
+picked at start. vLLM gets ``LMCacheMPConnector`` with ``kv_load_failure_policy: recompute``
+and a short message-queue timeout, so a sick cache costs a recompute, never a failed request.
+
+Supervision: if the server exits, one warning is logged and it is started again on the same
+ports; vLLM's LMCache adapter notices through its heartbeat and registers its KV caches again.
+Nothing here imports vllm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import psutil
+
+from handler.settings import Settings
+
+log = logging.getLogger("handler.lmcache")
+
+HOST = "127.0.0.1"
+HEARTBEAT_S = 2.0  # how often vLLM's adapter pings the server (and notices a restart)
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+@dataclass(frozen=True)
+class Ports:
+    port: int  # requests from vLLM (ZMQ)
+    http: int  # /healthcheck, /metrics, /status
+    prometheus: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def memory_limit_bytes(
+    total: int | None = None, cgroup_files: Iterable[str] = _CGROUP_LIMITS
+) -> int:
+    """The memory this worker may use: the container's cgroup limit, else the machine's RAM."""
+    limit = total if total is not None else int(psutil.virtual_memory().total)
+    for name in cgroup_files:
+        with contextlib.suppress(OSError, ValueError):
+            value = Path(name).read_text().strip()
+            if value != "max":
+                limit = min(limit, int(value))
+    return limit
+
+
+def auto_l1_size_gb(memory_bytes: int) -> float:
+    """A quarter of the worker's memory, at least 1 GiB and at most 64 GiB."""
+    return round(min(64.0, max(1.0, memory_bytes / 2**30 / 4)), 1)
+
+
+def l2_adapters(settings: Settings) -> list[dict[str, Any]]:
+    """LMCache ``--l2-adapter`` objects: disk tier first, then the shared store, then extras."""
+    adapters: list[dict[str, Any]] = []
+    if settings.lmcache_disk_path:
+        adapters.append({"type": "fs", "base_path": settings.lmcache_disk_path})
+    if settings.lmcache_l2_url:
+        adapters.append(store_adapter(settings.lmcache_l2_url))
+    if settings.lmcache_l2_adapters:
+        adapters += json.loads(settings.lmcache_l2_adapters)
+    return adapters
+
+
+def store_adapter(url: str) -> dict[str, Any]:
+    """``redis://``/``valkey://`` (RESP) or ``s3://bucket.host?region=R`` as an adapter object."""
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "valkey"):
+        adapter: dict[str, Any] = {
+            "type": "resp",
+            "host": parts.hostname or HOST,
+            "port": parts.port or 6379,
+        }
+        if parts.username:
+            adapter["username"] = unquote(parts.username)
+        if parts.password:
+            adapter["password"] = unquote(parts.password)
+        return adapter
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    return {
+        "type": "s3",
+        "s3_endpoint": f"s3://{parts.netloc}{parts.path}".rstrip("/"),
+        "s3_region": query.get("region", "us-east-1"),
+    }
+
+
+def server_command(
+    settings: Settings,
+    ports: Ports,
+    l1_size_gb: float,
+    without: Collection[tuple[str, int]] = (),
+) -> list[str]:
+    """``lmcache server`` arguments; RESP stores listed in ``without`` are left out."""
+    argv = [
+        sys.executable,
+        "-m",
+        "lmcache.cli.main",
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(ports.port),
+        "--http-host",
+        HOST,
+        "--http-port",
+        str(ports.http),
+        "--prometheus-port",
+        str(ports.prometheus),
+        "--chunk-size",
+        str(settings.lmcache_chunk_size),
+        "--l1-size-gb",
+        str(l1_size_gb),
+        "--eviction-policy",
+        settings.lmcache_eviction_policy,
+        "--supported-transfer-mode",
+        "auto",
+    ]
+    for adapter in l2_adapters(settings):
+        if adapter.get("type") == "resp" and (adapter["host"], adapter["port"]) in without:
+            continue
+        argv += ["--l2-adapter", json.dumps(adapter)]
+    return argv + shlex.split(settings.lmcache_server_args)
+
+
+def connector_config(settings: Settings, ports: Ports) -> dict[str, Any]:
+    """vLLM's ``--kv-transfer-config`` for the server on ``ports``."""
+    return {
+        "kv_connector": "LMCacheMPConnector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {
+            "lmcache.mp.host": f"tcp://{HOST}",
+            "lmcache.mp.port": ports.port,
+            "lmcache.mp.mq_timeout": settings.lmcache_timeout_s,
+            "lmcache.mp.heartbeat_interval": HEARTBEAT_S,
+        },
+    }
+
+
+def server_environment(base: Mapping[str, str]) -> dict[str, str]:
+    return {**base, "LMCACHE_TRACK_USAGE": "false", "LMCACHE_DISABLE_BANNER": "1"}
+
+
+def resp_stores(settings: Settings) -> list[tuple[str, int]]:
+    """(host, port) of every Redis/Valkey store the server is configured with."""
+    return [
+        (adapter["host"], int(adapter["port"]))
+        for adapter in l2_adapters(settings)
+        if adapter.get("type") == "resp"
+    ]
+
+
+def resp_alive(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """A RESP server answers PING (an auth error is an answer too)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64)[:1] in (b"+", b"-")
+    except OSError:
+        return False
+
+
+class LMCacheServer:
+    """One ``lmcache server`` process, restarted on the same ports whenever it exits."""
+
+    def __init__(self, settings: Settings, ports: Ports | None = None) -> None:
+        self.ports = ports or Ports(free_port(), free_port(), free_port())
+        self.l1_size_gb = settings.lmcache_l1_size_gb or auto_l1_size_gb(memory_limit_bytes())
+        self.command: list[str] = []
+        self.restarts = 0
+        self._settings = settings
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+        self._restart_now = threading.Event()
+        self._stores = resp_stores(settings)
+        self._store_up = dict.fromkeys(self._stores, True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.ports.http}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def connector_config(self) -> dict[str, Any]:
+        return connector_config(self._settings, self.ports)
+
+    def start(self) -> None:
+        """Start the server and its supervisor; :meth:`wait_healthy` tells when it serves."""
+        self._spawn()
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="lmcache-supervisor", daemon=True
+        )
+        self._supervisor.start()
+        if self._stores:
+            threading.Thread(target=self._watch_stores, name="lmcache-stores", daemon=True).start()
+        log.info(
+            "LMCache server starting (L1 %.1f GiB, L2 %s, port %d)",
+            self.l1_size_gb,
+            [a["type"] for a in l2_adapters(self._settings)] or "none",
+            self.ports.port,
+        )
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthcheck", timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_healthy(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if self.healthy():
+                return True
+            time.sleep(0.25)
+        return False
+
+    def metrics_text(self) -> str:
+        """The server's Prometheus text ('' when it does not answer)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
+                return str(response.read().decode())
+        except (urllib.error.URLError, OSError):
+            return ""
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop supervising, then the server (SIGTERM, SIGKILL after ``grace_s``)."""
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+
+    def _spawn(self) -> None:
+        """Start the server with every shared store that answers now. LMCache's RESP adapter
+        does not connect later, and a server started against a dead store stalls lookups; a
+        store left out is added back by a restart once it answers (see _watch_stores)."""
+        down = [store for store in self._stores if not resp_alive(*store)]
+        for store in down:
+            if self._store_up[store]:
+                log.warning(
+                    "shared KV store %s:%d unreachable: caching continues in this worker's RAM "
+                    "only; LMCache reconnects when it is back",
+                    *store,
+                )
+            self._store_up[store] = False
+        self.command = server_command(self._settings, self.ports, self.l1_size_gb, down)
+        with self._lock:  # stop() holds it too: no server is started after stop() began
+            if not self._stopping.is_set():
+                self._process = subprocess.Popen(
+                    self.command, env=server_environment(os.environ), stdin=subprocess.DEVNULL
+                )
+
+    def restart(self) -> None:
+        """Restart the server on purpose (it is started again at once, without a warning)."""
+        self._restart_now.set()
+        with self._lock:
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            process = self._process
+            if process is None:
+                return
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            if self._restart_now.is_set():
+                self._restart_now.clear()
+                delay = 0.0
+            else:
+                delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+                log.warning(
+                    "LMCache server exited (status %s): requests are recomputed until it is "
+                    "back; restarting it in %.0f s",
+                    code,
+                    delay,
+                )
+            if self._stopping.wait(delay):
+                return
+            self.restarts += 1
+            self._spawn()
+            if self.wait_healthy(120):
+                log.warning("LMCache server is back (restart %d)", self.restarts)
+
+    def _watch_stores(self, interval_s: float = 2.0) -> None:
+        """LMCache's RESP adapter does not reconnect: when a shared store comes back after being
+        unreachable (or was down at start), the server is restarted to connect to it again."""
+        up = self._store_up
+        while not self._stopping.wait(interval_s):
+            for store in self._stores:
+                alive = resp_alive(*store)
+                if alive == up[store]:
+                    continue
+                up[store] = alive
+                where = f"{store[0]}:{store[1]}"
+                if not alive:
+                    log.warning(
+                        "shared KV store %s unreachable: caching continues in this worker's RAM "
+                        "only; LMCache reconnects when it is back",
+                        where,
+                    )
+                else:
+                    log.warning(
+                        "shared KV store %s is back: restarting the LMCache server to reconnect "
+                        "(its RAM tier starts empty)",
+                        where,
+                    )
+                    self.restart()

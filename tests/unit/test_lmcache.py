@@ -1,0 +1,158 @@
+"""LMCache settings, server command line and connector configuration (pure parts)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from handler.engine import owned_args
+from handler.lmcache import (
+    Ports,
+    auto_l1_size_gb,
+    connector_config,
+    l2_adapters,
+    memory_limit_bytes,
+    resp_alive,
+    resp_stores,
+    server_command,
+    store_adapter,
+)
+from handler.settings import SettingsError, load_settings
+
+PORTS = Ports(port=7001, http=7002, prometheus=7003)
+
+
+def test_defaults_turn_lmcache_on_with_no_shared_store() -> None:
+    settings = load_settings({})
+    assert settings.lmcache_enabled
+    assert l2_adapters(settings) == []
+    assert server_command(settings, PORTS, 4.0)[3:] == [
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "7001",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "7002",
+        "--prometheus-port",
+        "7003",
+        "--chunk-size",
+        "256",
+        "--l1-size-gb",
+        "4.0",
+        "--eviction-policy",
+        "LRU",
+        "--supported-transfer-mode",
+        "auto",
+    ]
+
+
+def test_every_tier_becomes_an_l2_adapter_in_order() -> None:
+    settings = load_settings(
+        {
+            "LMCACHE_DISK_PATH": "/cache/kv",
+            "LMCACHE_L2_URL": "redis://user:p%40ss@10.0.0.5:6380",
+            "LMCACHE_L2_ADAPTERS": '[{"type": "mooncake_store", "x": 1}]',
+            "LMCACHE_SERVER_ARGS": "--max-workers 4",
+            "LMCACHE_CHUNK_SIZE": "128",
+            "LMCACHE_EVICTION_POLICY": "ARC",
+        }
+    )
+    adapters = [
+        {"type": "fs", "base_path": "/cache/kv"},
+        {"type": "resp", "host": "10.0.0.5", "port": 6380, "username": "user", "password": "p@ss"},
+        {"type": "mooncake_store", "x": 1},
+    ]
+    assert l2_adapters(settings) == adapters
+    argv = server_command(settings, PORTS, 2.0)
+    assert [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "--l2-adapter"] == adapters
+    assert argv[-2:] == ["--max-workers", "4"]
+    assert argv[argv.index("--chunk-size") + 1] == "128"
+    assert argv[argv.index("--eviction-policy") + 1] == "ARC"
+    assert resp_stores(settings) == [("10.0.0.5", 6380)]
+    without_redis = server_command(settings, PORTS, 2.0, without=[("10.0.0.5", 6380)])
+    assert [
+        json.loads(without_redis[i + 1])["type"]
+        for i, a in enumerate(without_redis)
+        if a == "--l2-adapter"
+    ] == ["fs", "mooncake_store"]
+
+
+def test_store_urls() -> None:
+    assert store_adapter("valkey://cache") == {"type": "resp", "host": "cache", "port": 6379}
+    assert store_adapter("s3://kv-bucket.s3.eu-west-1.amazonaws.com?region=eu-west-1") == {
+        "type": "s3",
+        "s3_endpoint": "s3://kv-bucket.s3.eu-west-1.amazonaws.com",
+        "s3_region": "eu-west-1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"LMCACHE_L2_URL": "memcached://x:1"}, "LMCACHE_L2_URL"),
+        ({"LMCACHE_L2_ADAPTERS": "{not json"}, "LMCACHE_L2_ADAPTERS"),
+        ({"LMCACHE_L2_ADAPTERS": '[{"no_type": 1}]'}, "LMCACHE_L2_ADAPTERS"),
+        ({"LMCACHE_L1_SIZE_GB": "-1"}, "LMCACHE_L1_SIZE_GB"),
+        ({"LMCACHE_EVICTION_POLICY": "FIFO"}, "LMCACHE_EVICTION_POLICY"),
+    ],
+)
+def test_bad_cache_settings_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        load_settings(env)
+
+
+def test_the_connector_never_fails_a_request_and_reports_cached_tokens() -> None:
+    settings = load_settings({"LMCACHE_TIMEOUT_S": "3"})
+    config = connector_config(settings, PORTS)
+    assert config == {
+        "kv_connector": "LMCacheMPConnector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {
+            "lmcache.mp.host": "tcp://127.0.0.1",
+            "lmcache.mp.port": 7001,
+            "lmcache.mp.mq_timeout": 3.0,
+            "lmcache.mp.heartbeat_interval": 2.0,
+        },
+    }
+    argv = owned_args(settings, config)
+    assert json.loads(argv[argv.index("--kv-transfer-config") + 1]) == config
+    assert "--enable-prompt-tokens-details" in argv
+    assert "--kv-transfer-config" not in owned_args(settings)
+
+
+def test_l1_is_sized_to_the_memory_the_worker_may_use(tmp_path: Path) -> None:
+    assert auto_l1_size_gb(24 * 2**30) == 6.0
+    assert auto_l1_size_gb(2 * 2**30) == 1.0
+    assert auto_l1_size_gb(1024 * 2**30) == 64.0
+    cgroup = tmp_path / "memory.max"
+    cgroup.write_text(f"{16 * 2**30}\n")
+    assert memory_limit_bytes(64 * 2**30, [str(cgroup)]) == 16 * 2**30
+    cgroup.write_text("max\n")
+    assert memory_limit_bytes(64 * 2**30, [str(cgroup), str(tmp_path / "absent")]) == 64 * 2**30
+
+
+def test_resp_alive() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                assert conn.recv(64) == b"PING\r\n"
+                conn.sendall(b"+PONG\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert resp_alive("127.0.0.1", port)
+        thread.join()
+    assert not resp_alive("127.0.0.1", port, timeout_s=0.5)
