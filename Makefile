@@ -1,6 +1,6 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run serve test unit integration lint format bench-stream
+.PHONY: help setup run serve test unit integration lint format bench-stream bench-cache
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
@@ -39,3 +39,6 @@ format:
 
 bench-stream:
 	scripts/in-env python bench/stream_overhead.py
+
+bench-cache:
+	scripts/in-env python bench/cache_ttft.py

@@ -81,9 +81,10 @@ def owned_args(settings: Settings, connector: Mapping[str, Any] | None = None) -
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
+    # usage.prompt_tokens_details.cached_tokens: prompt tokens from vLLM's prefix cache or LMCache
+    argv.append("--enable-prompt-tokens-details")
     if connector is not None:
-        # usage.prompt_tokens_details.cached_tokens counts prefix-cache and LMCache hits
-        argv += ["--kv-transfer-config", json.dumps(connector), "--enable-prompt-tokens-details"]
+        argv += ["--kv-transfer-config", json.dumps(connector)]
     return argv
 
 

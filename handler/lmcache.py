@@ -41,6 +41,7 @@ log = logging.getLogger("handler.lmcache")
 HOST = "127.0.0.1"
 HEARTBEAT_S = 2.0  # how often vLLM's adapter pings the server (and notices a restart)
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+SHM_DIR = "/dev/shm"
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
@@ -109,13 +110,31 @@ def store_adapter(url: str) -> dict[str, Any]:
     }
 
 
+def shm_name(ports: Ports) -> str:
+    """The server's shared-memory segment, unique per server on the host."""
+    return f"lmcache_{ports.port}"
+
+
+def shm_fits(l1_size_gb: float, shm_dir: str = SHM_DIR) -> bool:
+    """Whether the RAM tier fits in shared memory (containers often get a small /dev/shm)."""
+    try:
+        stats = os.statvfs(shm_dir)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize >= l1_size_gb * 2**30 * 1.1
+
+
 def server_command(
     settings: Settings,
     ports: Ports,
     l1_size_gb: float,
     without: Collection[tuple[str, int]] = (),
+    shm: bool = False,
 ) -> list[str]:
-    """``lmcache server`` arguments; RESP stores listed in ``without`` are left out."""
+    """``lmcache server`` arguments; RESP stores listed in ``without`` are left out. With
+    ``shm``, the RAM tier is a shared-memory segment the engine reads and writes directly;
+    without it, KV data crosses the socket pickled (measured 1.8x slower time to first token
+    on a cache hit here; see the README)."""
     argv = [
         sys.executable,
         "-m",
@@ -140,6 +159,8 @@ def server_command(
         "--supported-transfer-mode",
         "auto",
     ]
+    if shm:
+        argv += ["--shm-name", shm_name(ports)]
     for adapter in l2_adapters(settings):
         if adapter.get("type") == "resp" and (adapter["host"], adapter["port"]) in without:
             continue
@@ -192,6 +213,7 @@ class LMCacheServer:
         self.ports = ports or Ports(free_port(), free_port(), free_port())
         self.l1_size_gb = settings.lmcache_l1_size_gb or auto_l1_size_gb(memory_limit_bytes())
         self.command: list[str] = []
+        self.shm = shm_fits(self.l1_size_gb)
         self.restarts = 0
         self._settings = settings
         self._process: subprocess.Popen[bytes] | None = None
@@ -223,8 +245,9 @@ class LMCacheServer:
         if self._stores:
             threading.Thread(target=self._watch_stores, name="lmcache-stores", daemon=True).start()
         log.info(
-            "LMCache server starting (L1 %.1f GiB, L2 %s, port %d)",
+            "LMCache server starting (L1 %.1f GiB%s, L2 %s, port %d)",
             self.l1_size_gb,
+            " in shared memory" if self.shm else f", pickled: {SHM_DIR} is too small",
             [a["type"] for a in l2_adapters(self._settings)] or "none",
             self.ports.port,
         )
@@ -266,6 +289,13 @@ class LMCacheServer:
                 process.wait()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
+        self._remove_segment()
+
+    def _remove_segment(self) -> None:
+        if self.shm:
+            for leftover in Path(SHM_DIR).glob(f"*{shm_name(self.ports)}"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     def _spawn(self) -> None:
         """Start the server with every shared store that answers now. LMCache's RESP adapter
@@ -280,9 +310,12 @@ class LMCacheServer:
                     *store,
                 )
             self._store_up[store] = False
-        self.command = server_command(self._settings, self.ports, self.l1_size_gb, down)
+        self.command = server_command(
+            self._settings, self.ports, self.l1_size_gb, down, shm=self.shm
+        )
         with self._lock:  # stop() holds it too: no server is started after stop() began
             if not self._stopping.is_set():
+                self._remove_segment()  # left by a server that was killed
                 self._process = subprocess.Popen(
                     self.command, env=server_environment(os.environ), stdin=subprocess.DEVNULL
                 )

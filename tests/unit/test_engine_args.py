@@ -76,4 +76,5 @@ def test_owned_args() -> None:
         "2048",
         "--kv-cache-memory-bytes",
         str(int(1.5 * 2**30)),
+        "--enable-prompt-tokens-details",
     ]

@@ -19,6 +19,7 @@ from handler.lmcache import (
     resp_alive,
     resp_stores,
     server_command,
+    shm_fits,
     store_adapter,
 )
 from handler.settings import SettingsError, load_settings
@@ -82,6 +83,15 @@ def test_every_tier_becomes_an_l2_adapter_in_order() -> None:
         for i, a in enumerate(without_redis)
         if a == "--l2-adapter"
     ] == ["fs", "mooncake_store"]
+
+
+def test_the_ram_tier_goes_to_shared_memory_when_it_fits(tmp_path: Path) -> None:
+    argv = server_command(load_settings({}), PORTS, 1.0, shm=True)
+    assert argv[argv.index("--shm-name") + 1] == "lmcache_7001"
+    assert "--shm-name" not in server_command(load_settings({}), PORTS, 1.0)
+    assert shm_fits(0.000001, str(tmp_path))
+    assert not shm_fits(10**9, str(tmp_path))
+    assert not shm_fits(1.0, str(tmp_path / "absent"))
 
 
 def test_store_urls() -> None:
