@@ -51,6 +51,8 @@ def test_defaults_turn_lmcache_on_with_no_shared_store() -> None:
         "LRU",
         "--supported-transfer-mode",
         "auto",
+        "--max-workers",
+        "4",
     ]
 
 
@@ -71,9 +73,10 @@ def test_every_tier_becomes_an_l2_adapter_in_order() -> None:
         {"type": "mooncake_store", "x": 1},
     ]
     assert l2_adapters(settings) == adapters
+    settings = settings.model_copy(update={"lmcache_server_args": "--max-workers 8"})
     argv = server_command(settings, PORTS, 2.0)
     assert [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "--l2-adapter"] == adapters
-    assert argv[-2:] == ["--max-workers", "4"]
+    assert argv[-2:] == ["--max-workers", "8"]  # after the default: argparse keeps the last
     assert argv[argv.index("--chunk-size") + 1] == "128"
     assert argv[argv.index("--eviction-policy") + 1] == "ARC"
     assert resp_stores(settings) == [("10.0.0.5", 6380)]
