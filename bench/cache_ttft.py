@@ -7,6 +7,9 @@
 4. a fresh second worker: a new LMCache server (empty RAM) and a new engine, sharing only the
    Redis store the first worker wrote to.
 
+Settings 3 and 4 run twice: with KV data pickled across LMCache's socket (the default) and with
+the RAM tier in shared memory (LMCACHE_SHARED_MEMORY=true).
+
 Each setting asks once for each of N different 2,000-token documents (a system prompt) with a
 short question, streamed, and reports the median time to the first generated token and the
 cached prompt tokens vLLM reports. Engines run one at a time, on the default model, with the
@@ -186,32 +189,35 @@ def main() -> None:
         record("vLLM prefix cache, same engine", measure(engine, prefix, docs, 3))
         engine.shutdown()
 
-    with redis_server() as redis_port:
-        cached = engine_settings(
-            base,
-            ENABLE_PREFIX_CACHING="false",
-            LMCACHE_L2_URL=f"redis://127.0.0.1:{redis_port}",
-        )
-        print("3/4 LMCache L1 after an engine restart", flush=True)
-        first_worker = LMCacheServer(cached)
-        first_worker.start()
-        engine = VllmEngine.start(cached, connector=first_worker.connector_config())
-        first_worker.wait_healthy(120)
-        measure(engine, cached, docs, 4)  # computed once, stored in L1 and Redis
-        engine.shutdown()
-        engine = VllmEngine.start(cached, connector=first_worker.connector_config())
-        record("LMCache L1 after an engine restart", measure(engine, cached, docs, 5))
-        engine.shutdown()
-        first_worker.stop()
+    for shared_memory in ("false", "true"):
+        mode = "shared memory" if shared_memory == "true" else "pickled"
+        with redis_server() as redis_port:
+            cached = engine_settings(
+                base,
+                ENABLE_PREFIX_CACHING="false",
+                LMCACHE_L2_URL=f"redis://127.0.0.1:{redis_port}",
+                LMCACHE_SHARED_MEMORY=shared_memory,
+            )
+            print(f"3/4 LMCache L1 after an engine restart ({mode})", flush=True)
+            first_worker = LMCacheServer(cached)
+            first_worker.start()
+            engine = VllmEngine.start(cached, connector=first_worker.connector_config())
+            first_worker.wait_healthy(120)
+            measure(engine, cached, docs, 4)  # computed once, stored in L1 and Redis
+            engine.shutdown()
+            engine = VllmEngine.start(cached, connector=first_worker.connector_config())
+            record(f"LMCache L1 after an engine restart ({mode})", measure(engine, cached, docs, 5))
+            engine.shutdown()
+            first_worker.stop()
 
-        print("4/4 fresh worker, shared Redis store", flush=True)
-        second_worker = LMCacheServer(cached)
-        second_worker.start()
-        engine = VllmEngine.start(cached, connector=second_worker.connector_config())
-        second_worker.wait_healthy(120)
-        record("fresh worker, LMCache L2 (Redis)", measure(engine, cached, docs, 6))
-        engine.shutdown()
-        second_worker.stop()
+            print(f"4/4 fresh worker, shared Redis store ({mode})", flush=True)
+            second_worker = LMCacheServer(cached)
+            second_worker.start()
+            engine = VllmEngine.start(cached, connector=second_worker.connector_config())
+            second_worker.wait_healthy(120)
+            record(f"fresh worker, LMCache L2 Redis ({mode})", measure(engine, cached, docs, 6))
+            engine.shutdown()
+            second_worker.stop()
 
     recompute = rows[0]["ttft_ms_median"] if not args.lmcache_only else 2495.0
     print()
