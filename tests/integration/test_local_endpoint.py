@@ -68,9 +68,9 @@ def test_openai_sdk_chat_and_completions(client: openai.OpenAI) -> None:
     assert len(usage) == 1 and answer.usage is not None
     counts = ("prompt_tokens", "completion_tokens", "total_tokens")
     assert [getattr(usage[0], k) for k in counts] == [getattr(answer.usage, k) for k in counts]
-    # the same prompt again: vLLM's prefix cache served its full blocks
+    # reported on every answer (hits need a prompt longer than one 128-token CPU block)
     assert usage[0].prompt_tokens_details is not None
-    assert usage[0].prompt_tokens_details.cached_tokens == 32
+    assert usage[0].prompt_tokens_details.cached_tokens == 0
 
     prompt = "The capital of France is"
     completion = client.completions.create(model=MODEL_ID, prompt=prompt, **GREEDY)
