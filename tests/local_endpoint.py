@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import psutil
+import runpod
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -84,6 +86,19 @@ class LocalEndpoint:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
+
+    def openai(self) -> openai.OpenAI:
+        """The unmodified OpenAI SDK, pointed at the endpoint's OpenAI route."""
+        return openai.OpenAI(base_url=self.openai_base, api_key=self.key, max_retries=0)
+
+    def async_openai(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.openai_base, api_key=self.key, max_retries=0)
+
+    def runpod(self) -> runpod.Endpoint:
+        """runpod's own client, with its base URL pointed here (a module-wide setting)."""
+        runpod.api_key = self.key
+        runpod.endpoint_url_base = f"{self.url}/v2"
+        return runpod.Endpoint("local")
 
 
 @contextlib.contextmanager

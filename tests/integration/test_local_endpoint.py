@@ -37,18 +37,6 @@ def endpoint(
         yield started
 
 
-@pytest.fixture
-def client(endpoint: LocalEndpoint) -> openai.OpenAI:
-    return openai.OpenAI(base_url=endpoint.openai_base, api_key=KEY, max_retries=0)
-
-
-@pytest.fixture
-def rp(endpoint: LocalEndpoint) -> runpod.Endpoint:
-    runpod.api_key = KEY
-    runpod.endpoint_url_base = f"{endpoint.url}/v2"
-    return runpod.Endpoint("local")
-
-
 def test_openai_sdk_chat_and_completions(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL_ID]
 
@@ -80,7 +68,7 @@ def test_openai_sdk_chat_and_completions(client: openai.OpenAI) -> None:
 
 
 async def test_async_openai_sdk(endpoint: LocalEndpoint) -> None:
-    client = openai.AsyncOpenAI(base_url=endpoint.openai_base, api_key=KEY, max_retries=0)
+    client = endpoint.async_openai()
     try:
         models = await client.models.list()
         assert [m.id for m in models.data] == [MODEL_ID]
@@ -190,7 +178,7 @@ def test_sixteen_concurrent_streams_arrive_whole_and_in_order(endpoint: LocalEnd
         return [chunk async for chunk in stream]
 
     async def run_all() -> list[list[Any]]:
-        client = openai.AsyncOpenAI(base_url=endpoint.openai_base, api_key=KEY, max_retries=0)
+        client = endpoint.async_openai()
         try:
             return await asyncio.gather(*(one(client, i) for i in range(16)))
         finally:

@@ -20,7 +20,7 @@ import pytest
 import runpod
 
 from tests.fakes import TEXT
-from tests.local_endpoint import KEY, LocalEndpoint, local_endpoint
+from tests.local_endpoint import LocalEndpoint, local_endpoint
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PAUSE_S = 0.25  # per streamed event: a fake stream lasts about 2.5 s, long enough to cancel
@@ -41,18 +41,6 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEndpoint
         start_timeout=60,
     ) as started:
         yield started
-
-
-@pytest.fixture
-def client(endpoint: LocalEndpoint) -> openai.OpenAI:
-    return openai.OpenAI(base_url=endpoint.openai_base, api_key=KEY, max_retries=0)
-
-
-@pytest.fixture
-def rp(endpoint: LocalEndpoint) -> runpod.Endpoint:
-    runpod.api_key = KEY
-    runpod.endpoint_url_base = f"{endpoint.url}/v2"
-    return runpod.Endpoint("local")
 
 
 def test_openai_sdk_one_shot_stream_and_models(client: openai.OpenAI) -> None:
@@ -79,7 +67,7 @@ def test_openai_sdk_one_shot_stream_and_models(client: openai.OpenAI) -> None:
 
 
 async def test_async_openai_sdk(endpoint: LocalEndpoint) -> None:
-    client = openai.AsyncOpenAI(base_url=endpoint.openai_base, api_key=KEY, max_retries=0)
+    client = endpoint.async_openai()
     answer = await client.chat.completions.create(model="fake-model", messages=QUESTION)  # type: ignore[arg-type]
     assert answer.choices[0].message.content == TEXT
     stream = await client.chat.completions.create(
@@ -189,7 +177,7 @@ def test_sixteen_concurrent_streams_stay_whole(endpoint: LocalEndpoint) -> None:
         return [chunk async for chunk in stream]
 
     async def all_of_them() -> list[list[Any]]:
-        client = openai.AsyncOpenAI(base_url=endpoint.openai_base, api_key=KEY, max_retries=0)
+        client = endpoint.async_openai()
         try:
             return await asyncio.gather(*(one(client) for _ in range(16)))
         finally:
