@@ -22,6 +22,10 @@ class CacheServerMetrics(Collector):
     def __init__(self, cache: LMCacheServer) -> None:
         self._cache = cache
 
+    def describe(self) -> Iterable[Metric]:
+        """Nothing: registering must not call the server (its series appear once it is up)."""
+        return []
+
     def collect(self) -> Iterable[Metric]:
         for family in text_string_to_metric_families(self._cache.metrics_text()):
             if family.name.startswith("lmcache"):
