@@ -9,6 +9,8 @@ help:
 	@echo "make unit         fast tests on the fake engine"
 	@echo "make integration  tests on the real vLLM engine"
 	@echo "make lint         ruff and mypy"
+	@echo "make bench-stream handler vs bare engine streaming overhead"
+	@echo "make bench-cache  time to first token for a repeated prefix: no cache, prefix cache, LMCache"
 
 setup:
 	@scripts/dev-env
