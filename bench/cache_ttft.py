@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handler.engine import VllmEngine
-from handler.lmcache import LMCacheServer
+from handler.lmcache import LMCacheServer, free_port
 from handler.protocol import EngineCall
 from handler.settings import (
     LOCAL_ONLY,
@@ -47,12 +47,6 @@ from handler.settings import (
     environment,
     load_settings,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

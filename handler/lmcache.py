@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import psutil
 
-from handler.settings import Settings
+from handler.settings import Settings, environment
 
 log = logging.getLogger("handler.lmcache")
 
@@ -52,9 +52,10 @@ class Ports:
     prometheus: int
 
 
-def free_port() -> int:
+def free_port(host: str = HOST) -> int:
+    """A port nothing listens on now, on ``host``."""
     with socket.socket() as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -322,7 +323,7 @@ class LMCacheServer:
             if not self._stopping.is_set():
                 self._remove_segment()  # left by a server that was killed
                 self._process = subprocess.Popen(
-                    self.command, env=server_environment(os.environ), stdin=subprocess.DEVNULL
+                    self.command, env=server_environment(environment()), stdin=subprocess.DEVNULL
                 )
 
     def restart(self) -> None:

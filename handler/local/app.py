@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -88,10 +89,14 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
-async def wait_final(store: JobStore, job: Job, wait_s: float) -> None:
+async def wait_until(
+    store: JobStore, job: Job, ready: Callable[[], bool], wait_s: float = math.inf
+) -> None:
+    """Wait until ``ready()`` (checked whenever the job changes), the job is final, or
+    ``wait_s`` has passed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    while not job.final and loop.time() < deadline:
+    while not ready() and not job.final and loop.time() < deadline:
         await store.wait(job, min(WAIT_SLICE_S, deadline - loop.time()))
 
 
@@ -159,7 +164,7 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
         request: Request, wait: Annotated[int, Query(ge=1000, le=300_000)] = 90_000
     ) -> dict[str, Any]:
         job = submit(await read_json(request, MAX_RUNSYNC_BYTES))
-        await wait_final(store, job, wait / 1000)
+        await wait_until(store, job, lambda: job.final, wait / 1000)
         return status_body(job)
 
     @client.api_route("/status/{job_id}", methods=["GET", "POST"])
@@ -211,21 +216,16 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
     async def openai(path: str, request: Request) -> Response:
         body = await read_json(request, MAX_RUNSYNC_BYTES) if request.method == "POST" else None
         job = submit({"input": openai_job_input("/" + path, body)})
-        if not wants_stream(body):
-            while not job.final:
-                await store.wait(job, WAIT_SLICE_S)
-            return one_shot_response(job)
-        while not job.stream and not job.final:
-            await store.wait(job, WAIT_SLICE_S)
-        if not job.stream or not isinstance(job.stream[0], str):
-            while not job.final:
-                await store.wait(job, WAIT_SLICE_S)
-            return one_shot_response(job)
-        return StreamingResponse(
-            relay(store, job),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        if wants_stream(body):
+            await wait_until(store, job, lambda: bool(job.stream))
+            if job.stream and isinstance(job.stream[0], str):
+                return StreamingResponse(
+                    relay(store, job),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+        await wait_until(store, job, lambda: job.final)
+        return one_shot_response(job)
 
     # -- the webhooks runpod's SDK calls ---------------------------------------------------------
 

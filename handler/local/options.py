@@ -63,8 +63,8 @@ def parse_options(argv: Sequence[str]) -> Options:
             )
             continue
         parser.add_argument(flag, dest=name, help=f"{field.description} (default: {field.default})")
-    given = {key: value for key, value in vars(parser.parse_args(list(argv))).items()}
-    given = {key: value for key, value in given.items() if value is not None}
+    parsed = vars(parser.parse_args(list(argv)))
+    given = {key: value for key, value in parsed.items() if value is not None}
     try:
         return Options.model_validate(given)
     except ValidationError as exc:

@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handler.errors import WorkerError, job_error
+from handler.lmcache import free_port
 from handler.local.jobstore import JobStore
 from handler.settings import LOCAL_ONLY, TELEMETRY_OFF
 
@@ -39,12 +39,6 @@ log = logging.getLogger("handler.local")
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 RESTART_DELAY_S = 1.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def webhook_env(base_url: str, endpoint_id: str, worker_id: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,6 +18,7 @@ import psutil
 import pytest
 import redis
 
+from handler.lmcache import free_port
 from tests.integration.conftest import MODEL_ID
 from tests.local_endpoint import LocalEndpoint, local_endpoint
 
@@ -32,12 +32,6 @@ def document(topic: str) -> str:
     """About 1,600 prompt tokens: six full LMCache chunks and a partial one."""
     line = "the quick brown fox jumps over the lazy dog."
     return " ".join(f"{topic} {i}: {line}" for i in range(110))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

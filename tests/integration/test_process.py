@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 
 from handler.engine import VllmEngine
 from handler.jobs import make_handler
+from handler.lmcache import free_port
 from handler.settings import Settings
 from tests.integration.conftest import ROOT
 
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 ANSWER = "The capital of France is Paris."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
