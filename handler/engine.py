@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -28,14 +29,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psutil
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from handler.errors import EngineDead, InvalidRequest, NotFound, from_validation_error
-from handler.protocol import EngineCall, EngineReply
-from handler.settings import Settings, SettingsError, env_names
+from handler.protocol import EngineCall, EngineReply, ModelInfo, Route
+from handler.settings import Settings, SettingsError, env_names, lora_specs
 from handler.streaming import END, Failure, engine_error, pump
 
 log = logging.getLogger("handler.engine")
@@ -50,6 +52,7 @@ _OWNED_FLAGS = {
     "--max-model-len": "MAX_MODEL_LEN",
     "--dtype": "DTYPE",
     "--kv-cache-memory-bytes": "KV_CACHE_GB",
+    "--lora-modules": "LORA_MODULES",
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -81,6 +84,10 @@ def owned_args(settings: Settings, connector: Mapping[str, Any] | None = None) -
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
+    if settings.lora_modules:
+        specs = lora_specs(settings.lora_modules)
+        # every adapter can share a batch (MAX_LORAS, passed later, still wins)
+        argv += ["--enable-lora", "--max-loras", str(len(specs)), "--lora-modules", *specs]
     # usage.prompt_tokens_details.cached_tokens: prompt tokens from vLLM's prefix cache or LMCache
     argv.append("--enable-prompt-tokens-details")
     if connector is not None:
@@ -163,13 +170,12 @@ class VllmEngine:
         self,
         loop: asyncio.AbstractEventLoop,
         thread: threading.Thread,
-        client: Any,
-        state: Any,
-        stack: contextlib.AsyncExitStack,
+        opened: _Opened,
         on_dead: Callable[[], None],
     ) -> None:
         self._loop, self._thread = loop, thread
-        self._client, self._state, self._stack = client, state, stack
+        self._client, self._state, self._stack = opened.client, opened.state, opened.stack
+        self._info = opened.info
         self._on_dead = on_dead
         self._dead = False
         self._closed = False
@@ -191,12 +197,12 @@ class VllmEngine:
         thread = threading.Thread(target=loop.run_forever, name="vllm-engine-loop", daemon=True)
         thread.start()
         try:
-            client, state, stack = asyncio.run_coroutine_threadsafe(_open(args), loop).result()
+            opened = asyncio.run_coroutine_threadsafe(_open(args), loop).result()
         except BaseException:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=10)
             raise
-        engine = cls(loop, thread, client, state, stack, on_dead)
+        engine = cls(loop, thread, opened, on_dead)
         # the engine's own processes: not those already running (the LMCache server)
         engine._processes = [p for p in _child_processes() if p.pid not in before]
         asyncio.run_coroutine_threadsafe(engine._watch_health(), loop)
@@ -208,6 +214,10 @@ class VllmEngine:
     @property
     def dead(self) -> bool:
         return self._dead or bool(self._client.errored)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
 
     def running_requests(self) -> int:
         return int(self._client.get_num_unfinished_requests())
@@ -243,36 +253,20 @@ class VllmEngine:
         if call.route == "/v1/models":
             listing = await self._state.openai_serving_models.show_available_models()
             return dict(listing.model_dump(mode="json"))
-        request_cls, create = self._endpoint(call.route)
+        endpoint = _endpoint(self._state, call.route)
         try:
-            request = request_cls.model_validate(dict(call.body))
+            request = endpoint.validator.validate_python(dict(call.body))
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         except (TypeError, ValueError) as exc:  # raised by some of vLLM's "before" validators
             raise InvalidRequest(f"malformed request: {exc}") from None
         try:
-            result = await create(request, None)
+            result = await endpoint.create(request, None)
         except Exception as exc:  # vLLM raises what its HTTP layer would turn into an error
             result = create_error_response(exc)
         if isinstance(result, ErrorResponse):
             raise engine_error(result.error.model_dump())
-        if isinstance(result, BaseModel):
-            return dict(result.model_dump(mode="json"))
-        return result  # type: ignore[no-any-return]
-
-    def _endpoint(self, route: str) -> tuple[type[BaseModel], Callable[..., Any]]:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-        if route == "/v1/chat/completions":
-            serving, cls, name = self._state.openai_serving_chat, ChatCompletionRequest, "chat"
-            method = "create_chat_completion"
-        else:
-            serving, cls, name = self._state.openai_serving_completion, CompletionRequest, "text"
-            method = "create_completion"
-        if serving is None:
-            raise NotFound(f"the served model does not support {name} completions ({route})")
-        return cls, getattr(serving, method)
+        return _plain(result, by_alias=endpoint.by_alias)
 
     async def _relay(self, events: AsyncIterator[str], call: EngineCall) -> AsyncIterator[str]:
         """Carry a stream from the engine loop to the caller's loop; abort it if left early."""
@@ -298,7 +292,7 @@ class VllmEngine:
 
     async def _abort(self, pumping: Future[None], call: EngineCall) -> None:
         pumping.cancel()
-        ids = [f"chatcmpl-{call.request_id}", f"cmpl-{call.request_id}"]
+        ids = [f"chatcmpl-{call.request_id}", f"cmpl-{call.request_id}", call.request_id]
         done = asyncio.run_coroutine_threadsafe(self._client.abort(ids), self._loop)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), timeout=5)
@@ -312,6 +306,81 @@ class VllmEngine:
                 log.critical("the vLLM engine has died")
                 self._on_dead()
                 return
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    validator: TypeAdapter[Any]  # vLLM's request model (some are unions: a TypeAdapter each)
+    create: Callable[..., Any]  # vLLM's serving method: (request, raw_request) -> response
+    by_alias: bool = False  # the Responses API's models dump by alias, as vLLM's server does
+
+
+# route -> (vLLM serving object on the app state, its method, what the route is for)
+_SERVING: dict[str, tuple[str, str, str]] = {
+    "/v1/chat/completions": ("openai_serving_chat", "create_chat_completion", "chat completions"),
+    "/v1/completions": ("openai_serving_completion", "create_completion", "text completions"),
+    "/v1/embeddings": ("serving_embedding", "__call__", "embeddings"),
+    "/v1/tokenize": ("serving_tokenization", "create_tokenize", "tokenizing"),
+    "/v1/detokenize": ("serving_tokenization", "create_detokenize", "detokenizing"),
+    "/v1/responses": ("openai_serving_responses", "create_responses", "the Responses API"),
+}
+
+
+@functools.cache
+def _request_model(route: Route) -> TypeAdapter[Any]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+
+    models: dict[str, Any] = {
+        "/v1/chat/completions": ChatCompletionRequest,
+        "/v1/completions": CompletionRequest,
+        "/v1/embeddings": EmbeddingRequest,
+        "/v1/tokenize": TokenizeRequest,
+        "/v1/detokenize": DetokenizeRequest,
+        "/v1/responses": ResponsesRequest,
+    }
+    return TypeAdapter(models[route])
+
+
+def _endpoint(state: Any, route: Route) -> _Endpoint:
+    """vLLM's request model and serving method for a route; NotFound if this model has none."""
+    attribute, method, what = _SERVING[route]
+    serving = getattr(state, attribute, None)
+    if serving is None:
+        raise NotFound(f"the served model does not support {what} ({route})")
+    return _Endpoint(
+        _request_model(route), getattr(serving, method), by_alias=route == "/v1/responses"
+    )
+
+
+def _plain(result: Any, by_alias: bool = False) -> dict[str, Any] | AsyncIterator[str]:
+    """vLLM's answer as a JSON-safe dict, or a stream of SSE text."""
+    from starlette.responses import JSONResponse, Response
+
+    if isinstance(result, BaseModel):
+        return dict(result.model_dump(mode="json", by_alias=by_alias))
+    if isinstance(result, JSONResponse):
+        return dict(json.loads(bytes(result.body)))
+    if isinstance(result, Response):  # a binary body (embeddings' "bytes" encodings)
+        raise InvalidRequest(
+            "binary answers cannot travel in a JSON job; use encoding_format 'float' or 'base64'",
+            param="encoding_format",
+        )
+    return _sse(result)
+
+
+async def _sse(events: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """SSE text as vLLM's server sends it: chat and completion streams are text already; the
+    Responses API streams event objects, framed with their ``event:`` type."""
+    async for event in events:
+        if isinstance(event, str):
+            yield event
+        else:
+            data = event.model_dump_json(indent=None, by_alias=True)
+            yield f"event: {getattr(event, 'type', 'message')}\ndata: {data}\n\n"
 
 
 def _child_processes() -> list[psutil.Process]:
@@ -341,7 +410,15 @@ def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
         log.warning("stopped %d engine process(es) left after shutdown", len(left))
 
 
-async def _open(args: argparse.Namespace) -> tuple[Any, Any, contextlib.AsyncExitStack]:
+@dataclass(frozen=True)
+class _Opened:
+    client: Any  # vLLM's AsyncLLM
+    state: Any  # the app state `vllm serve` builds: its OpenAI serving objects
+    stack: contextlib.AsyncExitStack
+    info: ModelInfo
+
+
+async def _open(args: argparse.Namespace) -> _Opened:
     """Runs on the engine loop: AsyncLLM, then vLLM's OpenAI serving objects, as `vllm serve`."""
     from starlette.datastructures import State
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -351,8 +428,22 @@ async def _open(args: argparse.Namespace) -> tuple[Any, Any, contextlib.AsyncExi
     try:
         client = await stack.enter_async_context(build_async_engine_client(args))
         state = State()
-        await init_app_state(client, state, args, await client.get_supported_tasks())
+        tasks = await client.get_supported_tasks()
+        await init_app_state(client, state, args, tasks)
     except BaseException:
         await stack.aclose()
         raise
-    return client, state, stack
+    return _Opened(client, state, stack, _model_info(client.model_config, args, tasks))
+
+
+def _model_info(config: Any, args: argparse.Namespace, tasks: Any) -> ModelInfo:
+    return ModelInfo(
+        context_length=int(config.max_model_len),
+        dtype=str(config.dtype).removeprefix("torch."),
+        quantization=str(config.quantization) if config.quantization else None,
+        multimodal=bool(config.is_multimodal_model),
+        tools=bool(args.enable_auto_tool_choice),
+        reasoning=bool(args.structured_outputs_config.reasoning_parser),
+        generates="generate" in tasks,
+        embeds="embed" in tasks,
+    )

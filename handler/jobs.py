@@ -6,6 +6,10 @@ Out, by shape and request:
 * OpenAI route, streamed: SSE text strings, relayed as-is to the OpenAI client; the last one ends
   with ``data: [DONE]``. One-shot: one OpenAI response dict (for ``/v1/models``, the model list).
 * native, streamed: OpenAI chunk dicts, the last carrying ``usage``. One-shot: one response dict.
+* native batch: one ``{"results": [...]}`` dict, a response or an ``{"error": {...}}`` object per
+  request, in the order given. The requests run concurrently in the engine.
+
+``/v1/models`` answers carry the OpenRouter fields (:mod:`handler.model_card`).
 
 Errors: the handler yields ``{"error": "<OpenAI error object as JSON text>"}`` and stops. runpod's
 SDK fails the job and stores that text as the job's error, so the caller parses it back with one
@@ -22,8 +26,19 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from handler.errors import EngineDead, WorkerError, job_error
-from handler.protocol import Engine, Shape, parse_job, to_engine_call
+from handler.errors import EngineDead, InvalidRequest, WorkerError, error_body, job_error
+from handler.model_card import describe_models
+from handler.protocol import (
+    Engine,
+    EngineCall,
+    EngineReply,
+    NativeBatch,
+    NativeJob,
+    Shape,
+    batch_items,
+    parse_job,
+    to_engine_call,
+)
 from handler.settings import Settings
 from handler.streaming import cached_tokens, chunk_dicts, coalesce, sse_text, usage_in
 
@@ -51,11 +66,14 @@ async def run_job(
     try:
         if engine.dead:
             raise EngineDead()
-        call, shape = to_engine_call(parse_job(job.get("input")), settings, job_id)
+        parsed = parse_job(job.get("input"))
+        if isinstance(parsed, NativeBatch):
+            yield await run_batch(batch_items(parsed, settings), engine, settings, job_id)
+            return
+        call, shape = to_engine_call(parsed, settings, job_id)
         reply = await engine.serve(call)
         if isinstance(reply, dict):
-            _log_usage(job_id, reply.get("usage"))
-            yield reply
+            yield _one_shot(reply, call, engine, settings, job_id)
             return
         usage = None
         async for batch in coalesce(reply, settings.flush_interval_s):
@@ -72,6 +90,38 @@ async def run_job(
             exc = EngineDead()
         _log_failure(job_id, exc)
         yield job_error(exc)
+
+
+async def run_batch(
+    items: list[NativeJob | InvalidRequest], engine: Engine, settings: Settings, job_id: str
+) -> dict[str, Any]:
+    """Every request of a batch at once; each answer, or error, in its request's place."""
+
+    async def answer(i: int, item: NativeJob | InvalidRequest) -> dict[str, Any]:
+        if isinstance(item, InvalidRequest):
+            return error_body(item)
+        try:
+            call, _ = to_engine_call(item, settings, f"{job_id}-{i}")
+            reply = await engine.serve(call)
+        except Exception as exc:
+            return error_body(exc)
+        return _one_shot(reply, call, engine, settings, f"{job_id}-{i}")
+
+    results = await asyncio.gather(*(answer(i, item) for i, item in enumerate(items)))
+    if engine.dead:
+        raise EngineDead()
+    return {"results": results}
+
+
+def _one_shot(
+    reply: EngineReply, call: EngineCall, engine: Engine, settings: Settings, job_id: str
+) -> dict[str, Any]:
+    if not isinstance(reply, dict):  # a stream where none was asked for: never from vLLM
+        raise TypeError("the engine streamed a one-shot request")
+    if call.route == "/v1/models":
+        return describe_models(reply, settings, engine.model_info)
+    _log_usage(job_id, reply.get("usage"))
+    return reply
 
 
 def _frame(batch: list[str], shape: Shape) -> list[Any]:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -165,6 +166,76 @@ class Settings(BaseModel):
         gt=0,
         description="How long the engine waits on the cache server before it recomputes.",
     )
+    lora_modules: str | None = Field(
+        None,
+        alias="LORA_MODULES",
+        description="LoRA adapters loaded at cold start and chosen per request by `model`: "
+        "`name=path_or_repo` pairs separated by spaces, or a JSON list of "
+        '`{"name", "path", "base_model_name"}` objects. Adapters above rank 16 need MAX_LORA_RANK.',
+    )
+    max_batch_requests: int = Field(
+        64,
+        alias="MAX_BATCH_REQUESTS",
+        gt=0,
+        description="Most requests one native batch job (`requests`) may carry.",
+    )
+    model_display_name: str | None = Field(
+        None,
+        alias="MODEL_DISPLAY_NAME",
+        description="`name` in /v1/models (OpenRouter); default: the served model name's last "
+        "part.",
+    )
+    hugging_face_id: str | None = Field(
+        None,
+        alias="HUGGING_FACE_ID",
+        description="`hugging_face_id` in /v1/models; default: MODEL_NAME when it is a Hub id.",
+    )
+    max_output_length: int | None = Field(
+        None,
+        alias="MAX_OUTPUT_LENGTH",
+        gt=0,
+        description="`max_output_length` in /v1/models; default: the context length.",
+    )
+    model_quantization: str | None = Field(
+        None,
+        alias="MODEL_QUANTIZATION",
+        description="`quantization` in /v1/models (int4, int8, fp4, fp6, fp8, fp16, bf16, fp32); "
+        "default: the engine's quantization method or weight dtype.",
+    )
+    input_modalities: str | None = Field(
+        None,
+        alias="INPUT_MODALITIES",
+        description="`input_modalities` in /v1/models, comma-separated; default: text (and "
+        "image for a multimodal model).",
+    )
+    output_modalities: str = Field(
+        "text",
+        alias="OUTPUT_MODALITIES",
+        description="`output_modalities` in /v1/models, comma-separated.",
+    )
+    pricing_prompt: str = Field(
+        "0",
+        alias="PRICING_PROMPT",
+        description="`pricing.prompt` in /v1/models: USD per prompt token, a decimal string.",
+    )
+    pricing_completion: str = Field(
+        "0",
+        alias="PRICING_COMPLETION",
+        description="`pricing.completion` in /v1/models: USD per generated token.",
+    )
+    supported_sampling_parameters: str | None = Field(
+        None,
+        alias="SUPPORTED_SAMPLING_PARAMETERS",
+        description="`supported_sampling_parameters` in /v1/models, comma-separated; default: "
+        "every OpenRouter sampling parameter vLLM takes.",
+    )
+    supported_features: str | None = Field(
+        None,
+        alias="SUPPORTED_FEATURES",
+        description="`supported_features` in /v1/models, comma-separated; default: from the "
+        "engine (tools when a tool parser is set, json_mode, structured_outputs, logprobs, "
+        "reasoning when a reasoning parser is set).",
+    )
     metrics_port: int = Field(
         0,
         alias="WORKER_METRICS_PORT",
@@ -197,6 +268,14 @@ class Settings(BaseModel):
         "lmcache_disk_path",
         "lmcache_l2_url",
         "lmcache_l2_adapters",
+        "lora_modules",
+        "model_display_name",
+        "hugging_face_id",
+        "max_output_length",
+        "model_quantization",
+        "input_modalities",
+        "supported_sampling_parameters",
+        "supported_features",
         mode="before",
     )
     @classmethod
@@ -224,6 +303,24 @@ class Settings(BaseModel):
                 raise ValueError('expected a JSON list of objects with a "type"')
         return value
 
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_specs(cls, value: str | None) -> str | None:
+        if value is not None:
+            lora_specs(value)
+        return value
+
+    @field_validator("pricing_prompt", "pricing_completion")
+    @classmethod
+    def _price(cls, value: str) -> str:
+        try:
+            price = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError("expected a decimal number of USD per token") from None
+        if not price.is_finite() or price < 0:
+            raise ValueError("expected a non-negative decimal number of USD per token")
+        return value.strip()
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -242,6 +339,33 @@ class Settings(BaseModel):
     @property
     def flush_interval_s(self) -> float:
         return self.stream_flush_interval_ms / 1000.0
+
+
+def lora_specs(value: str) -> list[str]:
+    """LORA_MODULES as ``vllm serve --lora-modules`` values: ``name=path`` or JSON objects."""
+    text = value.strip()
+    if text.startswith(("[", "{")):
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        items = parsed if isinstance(parsed, list) else [parsed]
+        if not items or not all(
+            isinstance(item, dict) and {"name", "path"} <= item.keys() for item in items
+        ):
+            raise ValueError('expected JSON objects with "name" and "path"')
+        return [json.dumps(item) for item in items]
+    specs = text.split()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not (sep and name and path):
+            raise ValueError(f"expected name=path, got {spec!r}")
+    return specs
+
+
+def csv_list(value: str) -> list[str]:
+    """A comma-separated setting as a list of its non-empty, stripped items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def env_names() -> dict[str, str]:

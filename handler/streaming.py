@@ -123,6 +123,8 @@ def carries_output(event: str) -> bool:
     except (ValueError, EngineError):
         return True  # an error event or unparsable text: send, do not hold
     for chunk in chunks:
+        if str(chunk.get("type", "")).endswith(".delta") and chunk.get("delta"):
+            return True  # a Responses API event: response.output_text.delta and its kind
         for choice in chunk.get("choices") or []:
             fields = {**choice, **(choice.get("delta") or {})}
             if any(fields.get(key) for key in _OUTPUT_KEYS):

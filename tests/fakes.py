@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from handler.errors import EngineDead, EngineError
-from handler.protocol import EngineCall, EngineReply
+from handler.protocol import EngineCall, EngineReply, ModelInfo
 
 TOKENS = ["The", " capital", " of", " France", " is", " Paris", "."]
 TEXT = "".join(TOKENS)
@@ -102,8 +102,13 @@ MODELS = {
 }
 
 
+INFO = ModelInfo(context_length=2048, dtype="bfloat16")
+
+
 class FakeEngine:
     """Answers like vLLM for the model 'fake-model'; records calls and early-closed streams."""
+
+    model_info = INFO
 
     def __init__(self, *, fail_after: int | None = None, pause: float = 0.0) -> None:
         self.calls: list[EngineCall] = []
@@ -112,6 +117,7 @@ class FakeEngine:
         self.pause = pause
         self.is_dead = False
         self.active = 0
+        self.peak = 0  # most requests in flight at once
         self.shut = False
 
     @property
@@ -138,9 +144,19 @@ class FakeEngine:
                 param="model",
             )
         if not call.stream:
+            await self._hold()
             return chat_response(call)
         maker = chat_events if call.route == "/v1/chat/completions" else completion_events
         return self._stream(call, maker(call))
+
+    async def _hold(self) -> None:
+        """A one-shot request's time in the engine."""
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(self.pause)
+        finally:
+            self.active -= 1
 
     async def _stream(self, call: EngineCall, events: list[str]) -> AsyncIterator[str]:
         self.active += 1

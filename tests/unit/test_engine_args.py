@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -16,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
-    p.add_argument("--lora-modules", nargs="+")
+    p.add_argument("--allowed-origins", nargs="+")
     p.add_argument("--served-model-name", nargs="+")
     return p
 
@@ -26,15 +27,15 @@ def test_variables_become_flags(parser: argparse.ArgumentParser) -> None:
         "TENSOR_PARALLEL_SIZE": "2",
         "ENFORCE_EAGER": "true",
         "ENABLE_PREFIX_CACHING": "false",
-        "LORA_MODULES": "a=/x b=/y",
+        "ALLOWED_ORIGINS": "a b",
         "NOT_A_FLAG": "1",
     }
     assert passthrough_args(parser, env) == [
+        "--allowed-origins",
+        "a",
+        "b",
         "--no-enable-prefix-caching",
         "--enforce-eager",
-        "--lora-modules",
-        "a=/x",
-        "b=/y",
         "--tensor-parallel-size",
         "2",
     ]
@@ -78,3 +79,19 @@ def test_owned_args() -> None:
         str(int(1.5 * 2**30)),
         "--enable-prompt-tokens-details",
     ]
+
+
+def test_lora_modules_enable_lora_with_one_slot_per_adapter() -> None:
+    s = load_settings({"MODEL_NAME": "/m", "LORA_MODULES": "sql=/a/sql  chat=org/chat-lora"})
+    assert owned_args(s)[6:] == [
+        "--enable-lora",
+        "--max-loras",
+        "2",
+        "--lora-modules",
+        "sql=/a/sql",
+        "chat=org/chat-lora",
+        "--enable-prompt-tokens-details",
+    ]
+    as_json = '[{"name": "sql", "path": "/a/sql", "base_model_name": "m"}]'
+    s = load_settings({"MODEL_NAME": "/m", "LORA_MODULES": as_json})
+    assert owned_args(s)[9:11] == ["--lora-modules", json.dumps(json.loads(as_json)[0])]

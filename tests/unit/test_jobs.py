@@ -11,6 +11,7 @@ import pytest
 from runpod.serverless.modules import rp_job
 
 from handler.jobs import make_handler
+from handler.model_card import describe_models
 from handler.settings import Settings
 from tests.fakes import MODELS, TEXT, FakeEngine, chat_events, chat_response, completion_events
 
@@ -45,8 +46,67 @@ async def test_openai_route_one_shot(engine: FakeEngine, settings: Settings) -> 
     assert outputs == [chat_response(engine.calls[0])]
 
 
-async def test_models_route(engine: FakeEngine, settings: Settings) -> None:
-    assert await run(engine, settings, {"openai_route": "/v1/models"}) == [MODELS]
+async def test_models_route_adds_the_openrouter_fields(
+    engine: FakeEngine, settings: Settings
+) -> None:
+    outputs = await run(engine, settings, {"openai_route": "/v1/models"})
+    assert outputs == [describe_models(MODELS, settings, engine.model_info)]
+    assert outputs[0]["data"][0]["context_length"] == 2048
+
+
+async def test_native_batch_keeps_order_with_an_error_in_place(
+    settings: Settings,
+) -> None:
+    engine = FakeEngine(pause=0.01)
+    requests = [
+        {"messages": CHAT["messages"]},
+        {"messages": CHAT["messages"], "model": "gpt-9"},
+        {"prompt": 7},
+        {"prompt": "The capital"},
+    ]
+    outputs = await run(engine, settings, {"requests": requests})
+    first, last = engine.calls[0], engine.calls[2]
+    assert [c.request_id.rsplit("-", 1)[0] for c in engine.calls] == [
+        "job-1-0",
+        "job-1-1",
+        "job-1-3",
+    ]
+    assert outputs == [
+        {
+            "results": [
+                chat_response(first),
+                {
+                    "error": {
+                        "message": "The model `gpt-9` does not exist.",
+                        "type": "NotFoundError",
+                        "param": "model",
+                        "code": 404,
+                    }
+                },
+                {
+                    "error": {
+                        "message": "input.requests.2.prompt.str: Input should be a valid string; "
+                        "input.requests.2.prompt.list[str]: Input should be a valid list; "
+                        "input.requests.2.prompt.list[int]: Input should be a valid list; "
+                        "input.requests.2.prompt.list[list[int]]: Input should be a valid list",
+                        "type": "BadRequestError",
+                        "param": "input.requests.2.prompt.str",
+                        "code": 400,
+                    }
+                },
+                chat_response(last),
+            ]
+        }
+    ]
+
+
+async def test_native_batch_runs_concurrently(settings: Settings) -> None:
+    engine = FakeEngine(pause=0.2)
+    outputs = await run(
+        engine, settings, {"requests": [{"messages": CHAT["messages"], "stream": False}] * 8}
+    )
+    assert len(outputs[0]["results"]) == 8
+    assert engine.peak >= 8
 
 
 async def test_native_stream_yields_chunk_dicts(engine: FakeEngine, settings: Settings) -> None:
@@ -90,7 +150,7 @@ async def test_unknown_model_is_a_404(engine: FakeEngine, settings: Settings) ->
     [
         (None, 400),
         ("text", 400),
-        ({"openai_route": "/v1/embeddings"}, 404),
+        ({"openai_route": "/v1/images/generations"}, 404),
         ({"messages": 7}, 400),
         ({"prompt": "x", "sampling_params": []}, 400),
     ],
@@ -196,7 +256,8 @@ async def test_runpod_fails_the_job_with_the_json_error(
     assert json.loads(result["error"]) == {
         "error": {
             "message": "unknown openai_route '/v2/nothing'; supported routes: "
-            "/v1/chat/completions, /v1/completions, /v1/models",
+            "/v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, "
+            "/v1/tokenize, /v1/detokenize, /v1/responses",
             "type": "NotFoundError",
             "param": "openai_route",
             "code": 404,

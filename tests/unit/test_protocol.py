@@ -4,9 +4,11 @@ import pytest
 
 from handler.errors import InvalidRequest, NotFound
 from handler.protocol import (
+    NativeBatch,
     NativeJob,
     OpenAIRouteJob,
     Shape,
+    batch_items,
     normalize_route,
     parse_job,
     to_engine_call,
@@ -96,6 +98,11 @@ def test_the_callers_dict_is_not_changed(settings: Settings) -> None:
         ({"prompt": "x", "stream": "maybe"}, "input.stream"),
         ({"prompt": "x", "sampling_param": {}}, "input.sampling_param"),
         ({"openai_route": 3}, "input.openai_route"),
+        ({"prompt": "x", "input": "y"}, "input"),
+        ({"prompt": "x", "tools": []}, "input"),
+        ({"input": "x", "stream": True}, "input"),
+        ({"requests": []}, "input.requests"),
+        ({"requests": "x"}, "input.requests"),
         ({"openai_route": "/v1/completions", "openai_input": [1]}, "input.openai_input"),
     ],
 )
@@ -124,10 +131,84 @@ def test_unknown_route_lists_the_supported_ones() -> None:
         normalize_route("/v1/images/generations")
     assert caught.value.message == (
         "unknown openai_route '/v1/images/generations'; supported routes: "
-        "/v1/chat/completions, /v1/completions, /v1/models"
+        "/v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, /v1/tokenize, "
+        "/v1/detokenize, /v1/responses"
     )
 
 
 def test_job_models_are_distinct_types() -> None:
     assert isinstance(parse_job({"openai_route": "/v1/models"}), OpenAIRouteJob)
     assert isinstance(parse_job({"prompt": "x"}), NativeJob)
+
+
+def test_native_tools_and_structured_outputs(settings: Settings) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    job = parse_job(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": tools,
+            "tool_choice": "auto",
+            "sampling_params": {"structured_outputs": {"choice": ["a", "b"]}, "logprobs": True},
+        }
+    )
+    call, _ = to_engine_call(job, settings, "j")
+    assert dict(call.body) == {
+        "structured_outputs": {"choice": ["a", "b"]},
+        "logprobs": True,
+        "model": "fake-model",
+        "request_id": call.request_id,
+        "max_tokens": 100,
+        "stream": False,
+        "tools": tools,
+        "tool_choice": "auto",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+
+
+def test_native_embeddings(settings: Settings) -> None:
+    job = parse_job({"input": ["a", "b"], "sampling_params": {"encoding_format": "base64"}})
+    call, shape = to_engine_call(job, settings, "j")
+    assert (call.route, shape) == ("/v1/embeddings", Shape.NATIVE)
+    assert dict(call.body) == {
+        "encoding_format": "base64",
+        "model": "fake-model",
+        "request_id": call.request_id,
+        "input": ["a", "b"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("route", "tracked"),
+    [("/v1/tokenize", False), ("/v1/detokenize", False), ("/v1/responses", True)],
+)
+def test_request_id_only_where_an_engine_request_runs(
+    settings: Settings, route: str, tracked: bool
+) -> None:
+    call, _ = to_engine_call(
+        parse_job({"openai_route": route, "openai_input": {"model": "m"}}), settings, "j"
+    )
+    assert ("request_id" in call.body) is tracked
+
+
+def test_batch_items_are_parsed_one_by_one(settings: Settings) -> None:
+    batch = parse_job(
+        {"requests": [{"prompt": "a"}, {"prompt": 3}, {"prompt": "b", "stream": True}]}
+    )
+    assert isinstance(batch, NativeBatch)
+    good, bad_type, streamed = batch_items(batch, settings)
+    assert good == NativeJob(prompt="a")
+    assert isinstance(bad_type, InvalidRequest) and bad_type.param == "input.requests.1.prompt.str"
+    assert isinstance(streamed, InvalidRequest)
+    assert (streamed.message, streamed.param) == (
+        "requests in a batch are not streamed",
+        "input.requests.2",
+    )
+
+
+def test_batch_size_is_bounded(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_batch_requests": 2})
+    with pytest.raises(InvalidRequest) as caught:
+        batch_items(NativeBatch(requests=[{"prompt": "x"}] * 3), small)
+    assert caught.value.message == (
+        "a batch may carry at most 2 requests (MAX_BATCH_REQUESTS), got 3"
+    )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.settings import Settings, SettingsError, env_names, load_settings
+from handler.settings import Settings, SettingsError, env_names, load_settings, lora_specs
 
 
 def test_defaults() -> None:
@@ -78,3 +78,28 @@ def test_settings_are_frozen() -> None:
 
 def test_every_field_but_the_passthrough_has_an_environment_name() -> None:
     assert set(env_names().values()) == set(Settings.model_fields) - {"engine_passthrough"}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("LORA_MODULES", "just-a-name", "expected name=path, got 'just-a-name'"),
+        ("LORA_MODULES", '[{"name": "x"}]', 'expected JSON objects with "name" and "path"'),
+        ("LORA_MODULES", "[oops", "not JSON"),
+        ("PRICING_PROMPT", "cheap", "expected a decimal number of USD per token"),
+        ("PRICING_COMPLETION", "-0.1", "expected a non-negative decimal number"),
+        ("MAX_BATCH_REQUESTS", "0", "greater than 0"),
+    ],
+)
+def test_malformed_model_settings(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({name: value})
+    assert str(caught.value).startswith(f"invalid setting: {name}={value!r}: ")
+    assert message in str(caught.value)
+
+
+def test_lora_modules_in_both_spellings() -> None:
+    assert lora_specs(" a=/x\tb=org/y ") == ["a=/x", "b=org/y"]
+    assert lora_specs('{"name": "a", "path": "/x"}') == ['{"name": "a", "path": "/x"}']
+    assert load_settings({"LORA_MODULES": "a=/x"}).lora_modules == "a=/x"
+    assert load_settings({"LORA_MODULES": ""}).lora_modules is None
