@@ -192,6 +192,11 @@ class VllmEngine:
         ``connector``: vLLM's kv-transfer config (the LMCache server's), if any."""
         started = time.perf_counter()
         args = build_args(settings, connector)
+        if connector is not None and not _keeps_kv_cache(args):
+            log.warning(
+                "LMCache is off: %s is a pooling model, it keeps no KV cache", settings.model_id
+            )
+            args = build_args(settings)
         before = {p.pid for p in _child_processes()}
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="vllm-engine-loop", daemon=True)
@@ -381,6 +386,13 @@ async def _sse(events: AsyncIterator[Any]) -> AsyncIterator[str]:
         else:
             data = event.model_dump_json(indent=None, by_alias=True)
             yield f"event: {getattr(event, 'type', 'message')}\ndata: {data}\n\n"
+
+
+def _keeps_kv_cache(args: argparse.Namespace) -> bool:
+    """Whether the model generates (and so has a KV cache a connector can carry)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return bool(AsyncEngineArgs.from_cli_args(args).create_model_config().runner_type == "generate")
 
 
 def _child_processes() -> list[psutil.Process]:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = start_cache(settings)
     engine = None
     try:
-        engine = start_engine(settings, cache)
+        engine, cache = start_engine(settings, cache)
         print(f"engine cold start: {time.perf_counter() - started:.1f} s", flush=True)
         return run_and_report(engine, settings, job)
     finally:

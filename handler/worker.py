@@ -123,7 +123,7 @@ def main() -> None:
     cache = start_cache(settings)
     engine: Engine | None = None
     try:
-        engine = start_engine(settings, cache, watch.trigger)
+        engine, cache = start_engine(settings, cache, watch.trigger)
         watch.before_exit = lambda: stop_all(engine, cache)
         serve_metrics(settings, engine, cache)
         if settings.on_runpod or "--rp_serve_api" in sys.argv:
@@ -151,7 +151,9 @@ def start_cache(settings: Settings) -> LMCacheServer | None:
 
 def start_engine(
     settings: Settings, cache: LMCacheServer | None, on_dead: Callable[[], None] = lambda: None
-) -> Engine:
+) -> tuple[Engine, LMCacheServer | None]:
+    """The engine, and the cache server if the engine uses it (a pooling model keeps no KV cache,
+    so its LMCache server is stopped)."""
     from handler.engine import VllmEngine
 
     connector = cache.connector_config() if cache else None
@@ -160,6 +162,9 @@ def start_engine(
     except SettingsError as exc:
         print(f"worker not started: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if cache is not None and not engine.model_info.generates:
+        cache.stop()
+        return engine, None
     if cache is not None:
         started = time.perf_counter()
         if cache.wait_healthy(CACHE_START_TIMEOUT_S):
@@ -169,7 +174,7 @@ def start_engine(
                 "LMCache server not healthy after %.0f s: requests are recomputed until it is",
                 CACHE_START_TIMEOUT_S,
             )
-    return engine
+    return engine, cache
 
 
 def stop_all(engine: Engine | None, cache: LMCacheServer | None) -> None:

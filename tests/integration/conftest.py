@@ -1,21 +1,29 @@
-"""One real vLLM engine on the default model (SmolLM2-135M-Instruct), shared by the session.
+"""Real vLLM engines on the default model (SmolLM2-135M-Instruct), shared by the session.
 
 The settings are configs/local.env plus the converted model that `make` points WORKER_TEST_MODEL
 at; vLLM reads its own variables (VLLM_CPU_*) from the process, so they are applied there too.
+
+``full_env`` adds what the OpenAI-surface tests need: the hermes tool parser and a LoRA adapter
+(``smol-lora``, made for the session). The in-process ``engine`` also runs in float32, the
+setting under which a seeded request gives the same text alone or in a batch on CPU.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from handler.settings import Settings, apply_process_environment, load_settings
+from tests.local_endpoint import LocalEndpoint, local_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_ID = "SmolLM2-135M-Instruct"
+LORA = "smol-lora"
 
 
 def local_env() -> dict[str, str]:
@@ -39,8 +47,40 @@ def worker_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def settings(worker_env: dict[str, str]) -> Settings:
-    return load_settings({**worker_env, "STREAM_FLUSH_INTERVAL_MS": "0"})
+def lora_adapter(tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str, str]) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "smol-lora"
+    subprocess.run(
+        [sys.executable, "-m", "tests.lora_adapter", worker_env["MODEL_NAME"], str(out)],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_env(worker_env: dict[str, str], lora_adapter: Path) -> dict[str, str]:
+    return {
+        **worker_env,
+        "ENABLE_AUTO_TOOL_CHOICE": "true",
+        "TOOL_CALL_PARSER": "hermes",
+        "LORA_MODULES": f"{LORA}={lora_adapter}",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(full_env: dict[str, str]) -> Settings:
+    return load_settings({**full_env, "STREAM_FLUSH_INTERVAL_MS": "0", "DTYPE": "float32"})
+
+
+@pytest.fixture(scope="session")
+def openai_endpoint(
+    tmp_path_factory: pytest.TempPathFactory, full_env: dict[str, str]
+) -> Iterator[LocalEndpoint]:
+    """A local endpoint with one real worker (bfloat16, LMCache on), for the SDK-driven suites."""
+    with local_endpoint(tmp_path_factory.mktemp("endpoint"), full_env) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from runpod.serverless.modules import rp_job
 from handler.engine import VllmEngine
 from handler.jobs import make_handler
 from handler.settings import Settings
-from tests.integration.conftest import MODEL_ID
+from tests.integration.conftest import LORA, MODEL_ID
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +134,9 @@ async def test_native_prompt_default_max_tokens(engine: VllmEngine, settings: Se
 
 async def test_models(engine: VllmEngine, settings: Settings) -> None:
     [out] = await run(engine, settings, {"openai_route": "/v1/models"})
-    assert [Model.model_validate(m).id for m in out["data"]] == [MODEL_ID]
+    assert [Model.model_validate(m).id for m in out["data"]] == [MODEL_ID, LORA]
+    # the in-process engine runs in float32
+    assert {m["quantization"] for m in out["data"]} == {"fp32"}
 
 
 LONG = "hello " * 3000
@@ -144,7 +146,7 @@ LONG = "hello " * 3000
     ("job_input", "code", "param"),
     [
         pytest.param(
-            {"openai_route": "/v1/embeddings", "openai_input": {}},
+            {"openai_route": "/v1/images/generations", "openai_input": {}},
             404,
             "openai_route",
             id="unknown-route",

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ import openai
 import pytest
 import runpod
 
-from tests.integration.conftest import MODEL_ID, ROOT
-from tests.local_endpoint import KEY, LocalEndpoint, local_endpoint
+from tests.integration.conftest import LORA, MODEL_ID, ROOT
+from tests.local_endpoint import KEY, LocalEndpoint
 
 pytestmark = pytest.mark.integration
 
@@ -30,15 +29,12 @@ GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 30}
 
 
 @pytest.fixture(scope="module")
-def endpoint(
-    tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str, str]
-) -> Iterator[LocalEndpoint]:
-    with local_endpoint(tmp_path_factory.mktemp("endpoint"), worker_env) as started:
-        yield started
+def endpoint(openai_endpoint: LocalEndpoint) -> LocalEndpoint:
+    return openai_endpoint
 
 
 def test_openai_sdk_chat_and_completions(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    assert [m.id for m in client.models.list().data] == [MODEL_ID, LORA]
 
     answer = client.chat.completions.create(model=MODEL_ID, messages=QUESTION, **GREEDY)
     assert answer.choices[0].message.content == ANSWER
@@ -71,7 +67,7 @@ async def test_async_openai_sdk(endpoint: LocalEndpoint) -> None:
     client = endpoint.async_openai()
     try:
         models = await client.models.list()
-        assert [m.id for m in models.data] == [MODEL_ID]
+        assert [m.id for m in models.data] == [MODEL_ID, LORA]
         answer = await client.chat.completions.create(model=MODEL_ID, messages=QUESTION, **GREEDY)
         assert answer.choices[0].message.content == ANSWER
         stream = await client.chat.completions.create(

@@ -1,0 +1,413 @@
+"""The OpenAI surface, driven by the unmodified ``openai`` SDK through the local endpoint: every
+route and request feature the README lists, one-shot and streamed where OpenAI allows.
+
+One real worker (``python -m handler`` under runpod's production loop, LMCache on) with the hermes
+tool parser and a random LoRA adapter. Answers come from SmolLM2-135M; where its words are not the
+point, structured outputs pin them down so that the assertions can be exact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionTokenLogprob
+
+from tests.integration.conftest import LORA, MODEL_ID
+from tests.local_endpoint import LocalEndpoint
+
+pytestmark = pytest.mark.integration
+
+QUESTION: Any = [
+    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+]
+ANSWER = "The capital of France is Paris."
+WEATHER: Any = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": CITY_SCHEMA,
+            "strict": True,
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Current time in a city.",
+            "parameters": CITY_SCHEMA,
+            "strict": True,
+        },
+    },
+]
+# What a Hermes-style model emits for a tool call; SmolLM2 is made to emit it with a regex.
+HERMES_CALL = r'<tool_call>\n\{"name": "get_time", "arguments": \{"city": "Tokyo"\}\}\n</tool_call>'
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "enum": ["Ada", "Grace", "Linus"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "languages": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["C", "Python", "Rust"]},
+            "maxItems": 2,
+        },
+    },
+    "required": ["name", "age", "languages"],
+    "additionalProperties": False,
+}
+GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 30}
+
+
+@pytest.fixture(scope="module")
+def endpoint(openai_endpoint: LocalEndpoint) -> LocalEndpoint:
+    return openai_endpoint
+
+
+def chat(client: openai.OpenAI, **kwargs: Any) -> Any:
+    return client.chat.completions.create(**{"model": MODEL_ID, "messages": QUESTION, **kwargs})
+
+
+def streamed_chat(client: openai.OpenAI, **kwargs: Any) -> list[Any]:
+    return list(chat(client, stream=True, **kwargs))
+
+
+def joined_tool_calls(chunks: list[Any]) -> list[tuple[str, str]]:
+    """(name, arguments) of each streamed tool call, its deltas joined by index."""
+    calls: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                name_args = calls.setdefault(delta.index, ["", ""])
+                name_args[0] += delta.function.name or ""
+                name_args[1] += delta.function.arguments or ""
+    return [(name, args) for name, args in (calls[i] for i in sorted(calls))]
+
+
+# --- models, LoRA -----------------------------------------------------------------------------
+
+
+def test_models_list_the_base_model_and_the_adapter_with_openrouter_fields(
+    client: openai.OpenAI,
+) -> None:
+    base, lora = client.models.list().data
+    assert (base.id, base.object, base.owned_by) == (MODEL_ID, "model", "vllm")
+    assert (lora.id, lora.model_extra and lora.model_extra["parent"]) == (LORA, MODEL_ID)
+    assert base.model_extra is not None
+    extra = {k: base.model_extra[k] for k in base.model_extra if k not in ("root", "permission")}
+    assert extra == {
+        "parent": None,
+        "max_model_len": 2048,
+        "name": MODEL_ID,
+        "context_length": 2048,
+        "max_output_length": 2048,
+        "quantization": "bf16",
+        "input_modalities": ["text"],
+        "output_modalities": ["text"],
+        "pricing": {"prompt": "0", "completion": "0"},
+        "supported_sampling_parameters": [
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+            "stop",
+            "seed",
+            "max_tokens",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+        ],
+        "supported_features": ["tools", "json_mode", "structured_outputs", "logprobs"],
+        "hugging_face_id": "",
+    }
+
+
+def test_lora_adapter_is_chosen_by_model(client: openai.OpenAI) -> None:
+    base = chat(client, **GREEDY).choices[0].message.content
+    adapted = chat(client, model=LORA, **GREEDY)
+    assert base == ANSWER
+    assert adapted.model == LORA and adapted.choices[0].message.content != ANSWER
+    streamed = streamed_chat(client, model=LORA, **GREEDY)
+    assert {c.model for c in streamed} == {LORA}
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == adapted.choices[0].message.content
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+
+def test_tool_choice_auto_parses_the_models_tool_call(client: openai.OpenAI) -> None:
+    forced: dict[str, Any] = {
+        "messages": WEATHER,
+        "tools": TOOLS,
+        "tool_choice": "auto",
+        "max_tokens": 60,
+        "extra_body": {"structured_outputs": {"regex": HERMES_CALL}},
+    }
+    answer = chat(client, **forced)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    [call] = choice.message.tool_calls or []
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function",
+        "get_time",
+        {"city": "Tokyo"},
+    )
+    chunks = streamed_chat(client, **forced)
+    [(name, arguments)] = joined_tool_calls(chunks)
+    assert (name, json.loads(arguments)) == ("get_time", {"city": "Tokyo"})
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    [{"type": "function", "function": {"name": "get_weather"}}, "required"],
+    ids=["named", "required"],
+)
+def test_forced_tool_choice_gives_arguments_valid_against_the_schema(
+    client: openai.OpenAI, tool_choice: Any
+) -> None:
+    params: dict[str, Any] = {
+        "messages": WEATHER,
+        "tools": TOOLS,
+        "tool_choice": tool_choice,
+        "max_tokens": 60,
+        "temperature": 0,
+    }
+    [call] = chat(client, **params).choices[0].message.tool_calls or []
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    if tool_choice != "required":
+        assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, CITY_SCHEMA)
+    [(name, streamed_arguments)] = joined_tool_calls(streamed_chat(client, **params))
+    assert (name, json.loads(streamed_arguments)) == (call.function.name, arguments)
+
+
+def test_tool_choice_none_answers_in_text(client: openai.OpenAI) -> None:
+    answer = chat(client, tools=TOOLS, tool_choice="none", **GREEDY).choices[0]
+    assert answer.message.tool_calls in (None, [])
+    assert answer.finish_reason == "stop" and answer.message.content
+
+
+# --- structured outputs -----------------------------------------------------------------------
+
+
+def test_response_format_json_schema_validates(client: openai.OpenAI) -> None:
+    params: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "Describe a programmer as JSON."}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True},
+        },
+        "max_tokens": 80,
+        "temperature": 0,
+    }
+    content = chat(client, **params).choices[0].message.content
+    assert content is not None
+    jsonschema.validate(json.loads(content), PERSON_SCHEMA)
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in streamed_chat(client, **params) if c.choices
+    )
+    assert streamed == content
+
+
+def test_response_format_json_object(client: openai.OpenAI) -> None:
+    content = chat(
+        client,
+        messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        response_format={"type": "json_object"},
+        max_tokens=60,
+        temperature=0,
+    ).choices[0]
+    assert content.finish_reason == "stop"
+    assert isinstance(json.loads(content.message.content or ""), dict)
+
+
+@pytest.mark.parametrize(
+    ("constraint", "accepts"),
+    [
+        ({"choice": ["yes", "no"]}, lambda text: text in ("yes", "no")),
+        ({"regex": r"[A-Z][a-z]+, [0-9]{4}"}, re.compile(r"[A-Z][a-z]+, [0-9]{4}").fullmatch),
+        (
+            {"grammar": 'root ::= ("Paris" | "Lyon") " is in France"'},
+            lambda text: (
+                text
+                in (
+                    "Paris is in France",
+                    "Lyon is in France",
+                )
+            ),
+        ),
+        (
+            {"json": CITY_SCHEMA},
+            lambda text: jsonschema.validate(json.loads(text), CITY_SCHEMA) is None,
+        ),
+    ],
+    ids=["choice", "regex", "grammar", "json"],
+)
+def test_vllm_structured_outputs(client: openai.OpenAI, constraint: Any, accepts: Any) -> None:
+    text = chat(client, max_tokens=40, extra_body={"structured_outputs": constraint})
+    assert accepts(text.choices[0].message.content)
+    completion = client.completions.create(
+        model=MODEL_ID,
+        prompt="Answer: ",
+        max_tokens=40,
+        extra_body={"structured_outputs": constraint},
+    )
+    assert accepts(completion.choices[0].text)
+
+
+# --- sampling, logprobs, n, stop, seed, usage -------------------------------------------------
+
+
+def test_chat_logprobs_one_shot_and_streamed(client: openai.OpenAI) -> None:
+    answer = chat(client, logprobs=True, top_logprobs=3, **GREEDY).choices[0]
+    assert answer.logprobs is not None and answer.logprobs.content is not None
+    tokens = answer.logprobs.content
+    assert all(isinstance(t, ChatCompletionTokenLogprob) for t in tokens)
+    assert "".join(t.token for t in tokens) == answer.message.content == ANSWER
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in tokens)
+    # greedy: each chosen token is the most likely one
+    assert all(t.top_logprobs[0].token == t.token for t in tokens)
+    streamed = [
+        t
+        for c in streamed_chat(client, logprobs=True, top_logprobs=3, **GREEDY)
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or []
+    ]
+    assert [t.token for t in streamed] == [t.token for t in tokens]
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    params: dict[str, Any] = {"model": MODEL_ID, "prompt": "The capital of France is", **GREEDY}
+    choice = client.completions.create(logprobs=2, **params).choices[0]
+    assert choice.logprobs is not None
+    assert "".join(choice.logprobs.tokens or []) == choice.text
+    assert [len(top) for top in choice.logprobs.top_logprobs or []] == [2] * len(
+        choice.logprobs.tokens or []
+    )
+    streamed = client.completions.create(logprobs=2, stream=True, **params)
+    tokens = [t for c in streamed for t in (c.choices[0].logprobs.tokens or [])]
+    assert tokens == choice.logprobs.tokens
+
+
+def test_n_two_gives_two_choices(client: openai.OpenAI) -> None:
+    params: dict[str, Any] = {"n": 2, "temperature": 1.0, "seed": 7, "max_tokens": 12}
+    answer = chat(client, **params)
+    assert [c.index for c in answer.choices] == [0, 1]
+    chunks = streamed_chat(client, **params)
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == {c.index: c.message.content for c in answer.choices}
+
+
+def test_stop_seed_and_max_completion_tokens(client: openai.OpenAI) -> None:
+    stopped = chat(client, stop=[" Paris"], **GREEDY).choices[0]
+    assert (stopped.message.content, stopped.finish_reason) == ("The capital of France is", "stop")
+    seeded = [
+        chat(client, temperature=1.0, seed=1234, max_tokens=20).choices[0].message.content
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]
+    short = chat(client, max_completion_tokens=3, temperature=0)
+    assert short.usage is not None and short.usage.completion_tokens == 3
+    assert short.choices[0].finish_reason == "length"
+
+
+def test_streamed_usage_arrives_once(client: openai.OpenAI) -> None:
+    for chunks in (
+        streamed_chat(client, stream_options={"include_usage": True}, **GREEDY),
+        list(
+            client.completions.create(
+                model=MODEL_ID,
+                prompt="The capital of France is",
+                stream=True,
+                stream_options={"include_usage": True},
+                **GREEDY,
+            )
+        ),
+    ):
+        usage = [c.usage for c in chunks if c.usage]
+        assert len(usage) == 1 and chunks[-1].usage == usage[0]
+        assert usage[0].total_tokens == usage[0].prompt_tokens + usage[0].completion_tokens
+    assert all(c.usage is None for c in streamed_chat(client, **GREEDY))
+
+
+# --- tokenize, detokenize, responses, unknown routes ------------------------------------------
+
+
+def test_tokenize_and_detokenize(client: openai.OpenAI) -> None:
+    tokens: Any = client.post(
+        "/tokenize", cast_to=object, body={"model": MODEL_ID, "prompt": "Hello Paris"}
+    )
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 2048
+    text: Any = client.post(
+        "/detokenize", cast_to=object, body={"model": MODEL_ID, "tokens": tokens["tokens"]}
+    )
+    assert text == {"prompt": "Hello Paris"}
+    templated: Any = client.post(
+        "/tokenize", cast_to=object, body={"model": MODEL_ID, "messages": QUESTION}
+    )
+    assert templated["count"] > tokens["count"]
+
+
+def test_responses_api_one_shot_and_streamed(client: openai.OpenAI) -> None:
+    params: dict[str, Any] = {
+        "model": MODEL_ID,
+        "input": QUESTION[0]["content"],
+        "max_output_tokens": 30,
+        "temperature": 0,
+    }
+    response = client.responses.create(**params)
+    assert (response.status, response.output_text) == ("completed", ANSWER)
+    events = list(client.responses.create(stream=True, **params))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == ANSWER
+    assert events[-1].response.output_text == ANSWER  # type: ignore[union-attr]
+
+
+def test_unknown_route_is_a_404_listing_the_routes(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.images.generate(prompt="a cat", model=MODEL_ID)
+    assert caught.value.status_code == 404
+    assert caught.value.body == {
+        "message": "unknown openai_route '/v1/images/generations'; supported routes: "
+        "/v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, /v1/tokenize, "
+        "/v1/detokenize, /v1/responses",
+        "type": "NotFoundError",
+        "param": "openai_route",
+        "code": 404,
+    }
+
+
+def test_embeddings_on_a_generative_model_is_a_clear_error(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.embeddings.create(model=MODEL_ID, input="hello", encoding_format="float")
+    assert caught.value.body == {
+        "message": "the served model does not support embeddings (/v1/embeddings)",
+        "type": "NotFoundError",
+        "param": None,
+        "code": 404,
+    }
