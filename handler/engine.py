@@ -62,9 +62,16 @@ _HEALTH_POLL_S = 0.5
 _CONNECTOR_OWNER = "LMCACHE_ENABLED=false, to configure a KV connector yourself"
 
 
-def owned_args(settings: Settings, connector: Mapping[str, Any] | None = None) -> list[str]:
+def owned_args(
+    settings: Settings, connector: Mapping[str, Any] | None = None, spare_lora_slot: bool = False
+) -> list[str]:
     """The ``vllm serve`` arguments that come from the worker's own settings (and the LMCache
-    connector, when the worker runs an LMCache server)."""
+    connector, when the worker runs an LMCache server).
+
+    ``spare_lora_slot``: one LoRA slot more than adapters. vLLM 0.32's CPU LoRA kernels index the
+    adapter weights with -1 for a request without an adapter, which is the last slot: in a batch
+    that mixes both, base-model requests ran through the last adapter. An empty last slot makes
+    that a no-op."""
     argv = [
         "--model",
         settings.model,
@@ -87,7 +94,8 @@ def owned_args(settings: Settings, connector: Mapping[str, Any] | None = None) -
     if settings.lora_modules:
         specs = lora_specs(settings.lora_modules)
         # every adapter can share a batch (MAX_LORAS, passed later, still wins)
-        argv += ["--enable-lora", "--max-loras", str(len(specs)), "--lora-modules", *specs]
+        slots = len(specs) + (1 if spare_lora_slot else 0)
+        argv += ["--enable-lora", "--max-loras", str(slots), "--lora-modules", *specs]
     # usage.prompt_tokens_details.cached_tokens: prompt tokens from vLLM's prefix cache or LMCache
     argv.append("--enable-prompt-tokens-details")
     if connector is not None:
@@ -133,10 +141,11 @@ def build_args(
 ) -> argparse.Namespace:
     """Parse the settings with vLLM's own ``vllm serve`` parser; errors name the variable."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    base = owned_args(settings, connector)
+    base = owned_args(settings, connector, spare_lora_slot=current_platform.is_cpu())
     _parse(parser, base, "the model settings (" + ", ".join(sorted(env_names())) + ")")
     extra: list[str] = []
     for name in sorted(settings.engine_passthrough):
@@ -157,10 +166,19 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], what: str) -> argpa
         with contextlib.redirect_stderr(stderr):
             return parser.parse_args(argv)
     except SystemExit:
-        detail = stderr.getvalue().strip().splitlines()
-        raise SettingsError(
-            f"invalid {what}: {detail[-1] if detail else 'rejected by vLLM'}"
-        ) from None
+        raise SettingsError(f"invalid {what}: {parser_error(stderr.getvalue())}") from None
+
+
+def parser_error(text: str) -> str:
+    """argparse's error line and what follows it (a pydantic message spans several lines), in one
+    line, without the usage text before it or pydantic's link after it."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    start = next((i for i, line in enumerate(lines) if ": error: " in line), len(lines) - 1)
+    kept = [line for line in lines[start:] if line and not line.startswith("For further info")]
+    if not kept:
+        return "rejected by vLLM"
+    kept[0] = kept[0].split(": error: ", 1)[-1]
+    return " ".join(kept)
 
 
 class VllmEngine:

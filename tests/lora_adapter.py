@@ -1,7 +1,8 @@
 """Make a LoRA adapter for the default model: peft, random weights, saved to a folder.
 
-``python -m tests.lora_adapter BASE_MODEL_DIR OUT_DIR``. Random (not zero) B matrices, so the
-adapter visibly changes the model's answers; rank 8 on the attention's q and v projections.
+``python -m tests.lora_adapter BASE_MODEL_DIR OUT_DIR``. Random (not zero) B matrices on every
+linear layer, rank 8, scaled by 8: the adapter plainly changes the model's answers (with q and v
+alone at scale 2, SmolLM2 still answered "The capital of France is Paris.").
 Run in a process of its own: it loads the model with transformers, outside the test process.
 """
 
@@ -18,9 +19,8 @@ def make_adapter(base: str, out: str, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
+    layers = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=layers, init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(out)
 
 

@@ -65,6 +65,9 @@ def full_env(worker_env: dict[str, str], lora_adapter: Path) -> dict[str, str]:
         **worker_env,
         "ENABLE_AUTO_TOOL_CHOICE": "true",
         "TOOL_CALL_PARSER": "hermes",
+        # compact JSON: with free whitespace, JSON mode lets SmolLM2 emit blank lines until
+        # max_tokens
+        "STRUCTURED_OUTPUTS_CONFIG": '{"backend": "xgrammar", "disable_any_whitespace": true}',
         "LORA_MODULES": f"{LORA}={lora_adapter}",
     }
 

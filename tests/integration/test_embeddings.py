@@ -96,7 +96,8 @@ def test_binary_encodings_are_refused_clearly(client: openai.OpenAI) -> None:
 
 
 def test_native_job_and_listing(rp: runpod.Endpoint, client: openai.OpenAI) -> None:
-    [answer] = rp.run_sync({"input": TEXTS[:2]}, timeout=120)
+    # runpod's client sends a dict that has an "input" key as the whole payload
+    [answer] = rp.run_sync({"input": {"input": TEXTS[:2]}}, timeout=120)
     floats = client.embeddings.create(model=MODEL, input=TEXTS[:2], encoding_format="float")
     assert [len(d["embedding"]) for d in answer["data"]] == [384, 384]
     for native, sdk in zip(answer["data"], floats.data, strict=True):

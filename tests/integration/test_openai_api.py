@@ -18,57 +18,21 @@ import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionTokenLogprob
 
 from tests.integration.conftest import LORA, MODEL_ID
+from tests.integration.samples import (
+    ANSWER,
+    CITY_SCHEMA,
+    EOS,
+    HERMES_CALL,
+    LOOSE_TOOLS,
+    PERSON_SCHEMA,
+    QUESTION,
+    TOOLS,
+    WEATHER,
+)
 from tests.local_endpoint import LocalEndpoint
 
 pytestmark = pytest.mark.integration
 
-QUESTION: Any = [
-    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
-]
-ANSWER = "The capital of France is Paris."
-WEATHER: Any = [{"role": "user", "content": "What is the weather like in Paris today?"}]
-CITY_SCHEMA = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]}},
-    "required": ["city"],
-    "additionalProperties": False,
-}
-TOOLS: Any = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city.",
-            "parameters": CITY_SCHEMA,
-            "strict": True,
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "Current time in a city.",
-            "parameters": CITY_SCHEMA,
-            "strict": True,
-        },
-    },
-]
-# What a Hermes-style model emits for a tool call; SmolLM2 is made to emit it with a regex.
-HERMES_CALL = r'<tool_call>\n\{"name": "get_time", "arguments": \{"city": "Tokyo"\}\}\n</tool_call>'
-PERSON_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "enum": ["Ada", "Grace", "Linus"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "languages": {
-            "type": "array",
-            "items": {"type": "string", "enum": ["C", "Python", "Rust"]},
-            "maxItems": 2,
-        },
-    },
-    "required": ["name", "age", "languages"],
-    "additionalProperties": False,
-}
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 30}
 
 
@@ -155,7 +119,7 @@ def test_lora_adapter_is_chosen_by_model(client: openai.OpenAI) -> None:
 def test_tool_choice_auto_parses_the_models_tool_call(client: openai.OpenAI) -> None:
     forced: dict[str, Any] = {
         "messages": WEATHER,
-        "tools": TOOLS,
+        "tools": LOOSE_TOOLS,
         "tool_choice": "auto",
         "max_tokens": 60,
         "extra_body": {"structured_outputs": {"regex": HERMES_CALL}},
@@ -283,7 +247,9 @@ def test_chat_logprobs_one_shot_and_streamed(client: openai.OpenAI) -> None:
     assert answer.logprobs is not None and answer.logprobs.content is not None
     tokens = answer.logprobs.content
     assert all(isinstance(t, ChatCompletionTokenLogprob) for t in tokens)
-    assert "".join(t.token for t in tokens) == answer.message.content == ANSWER
+    # vLLM's logprobs include the end-of-turn token that ended the answer
+    assert answer.message.content == ANSWER and answer.finish_reason == "stop"
+    assert "".join(t.token for t in tokens) == ANSWER + EOS
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in tokens)
     # greedy: each chosen token is the most likely one
     assert all(t.top_logprobs[0].token == t.token for t in tokens)
@@ -300,7 +266,9 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     params: dict[str, Any] = {"model": MODEL_ID, "prompt": "The capital of France is", **GREEDY}
     choice = client.completions.create(logprobs=2, **params).choices[0]
     assert choice.logprobs is not None
-    assert "".join(choice.logprobs.tokens or []) == choice.text
+    assert "".join(choice.logprobs.tokens or []) == choice.text + (
+        EOS if choice.finish_reason == "stop" else ""
+    )
     assert [len(top) for top in choice.logprobs.top_logprobs or []] == [2] * len(
         choice.logprobs.tokens or []
     )

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from handler.engine import owned_args, passthrough_args
+from handler.engine import owned_args, parser_error, passthrough_args
 from handler.settings import SettingsError, load_settings
 
 
@@ -95,3 +95,23 @@ def test_lora_modules_enable_lora_with_one_slot_per_adapter() -> None:
     as_json = '[{"name": "sql", "path": "/a/sql", "base_model_name": "m"}]'
     s = load_settings({"MODEL_NAME": "/m", "LORA_MODULES": as_json})
     assert owned_args(s)[9:11] == ["--lora-modules", json.dumps(json.loads(as_json)[0])]
+
+
+def test_cpu_keeps_a_spare_lora_slot() -> None:
+    s = load_settings({"MODEL_NAME": "/m", "LORA_MODULES": "sql=/a/sql"})
+    assert owned_args(s, spare_lora_slot=True)[6:9] == ["--enable-lora", "--max-loras", "2"]
+
+
+def testparser_errors_keep_the_reason_not_the_usage() -> None:
+    stderr = (
+        "usage: vllm [-h] [--model MODEL]\n"
+        "             [model_tag]\n"
+        "vllm: error: argument --structured-outputs-config: 1 validation error for X\n"
+        "  Value error, only supported for xgrammar. [type=value_error]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n"
+    )
+    assert parser_error(stderr) == (
+        "argument --structured-outputs-config: 1 validation error for X "
+        "Value error, only supported for xgrammar. [type=value_error]"
+    )
+    assert parser_error("") == "rejected by vLLM"
