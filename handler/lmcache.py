@@ -72,9 +72,16 @@ def memory_limit_bytes(
     return limit
 
 
-def auto_l1_size_gb(memory_bytes: int) -> float:
-    """A quarter of the worker's memory, at least 1 GiB and at most 64 GiB."""
-    return round(min(64.0, max(1.0, memory_bytes / 2**30 / 4)), 1)
+# Host memory the engine's own processes use beside the cache (Python, torch, the model loader).
+ENGINE_HOST_GB = 8.0
+
+
+def auto_l1_size_gb(memory_bytes: int, keep_free_gb: float = 4.0) -> float:
+    """A quarter of the worker's memory, but no more than leaves ``keep_free_gb`` (runpod's
+    start-up memory check) free beside the engine; at least 1 GiB and at most 64 GiB."""
+    total = memory_bytes / 2**30
+    room = total - keep_free_gb - ENGINE_HOST_GB
+    return round(min(64.0, max(1.0, min(total / 4, room))), 1)
 
 
 def l2_adapters(settings: Settings) -> list[dict[str, Any]]:
@@ -215,7 +222,9 @@ class LMCacheServer:
 
     def __init__(self, settings: Settings, ports: Ports | None = None) -> None:
         self.ports = ports or Ports(free_port(), free_port(), free_port())
-        self.l1_size_gb = settings.lmcache_l1_size_gb or auto_l1_size_gb(memory_limit_bytes())
+        self.l1_size_gb = settings.lmcache_l1_size_gb or auto_l1_size_gb(
+            memory_limit_bytes(), settings.runpod_min_memory_gb
+        )
         self.command: list[str] = []
         self.shm = settings.lmcache_shared_memory and shm_fits(self.l1_size_gb)
         if settings.lmcache_shared_memory and not self.shm:

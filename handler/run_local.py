@@ -19,8 +19,10 @@ from handler.settings import LOCAL_ONLY, apply_process_environment
 from handler.streaming import parse_events
 from handler.worker import (
     RUNPOD_LOG_DEFAULTS,
+    ColdStart,
     configure_logging,
     load_or_exit,
+    locate_model,
     start_cache,
     start_engine,
     stop_all,
@@ -93,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_or_exit()
     configure_logging(settings)
 
-    started = time.perf_counter()
+    cold = ColdStart()
+    with cold.phase("model location"):
+        settings = locate_model(settings)
     cache = start_cache(settings)
     engine = None
     try:
-        engine, cache = start_engine(settings, cache)
-        print(f"engine cold start: {time.perf_counter() - started:.1f} s", flush=True)
+        with cold.phase("engine"):
+            engine, cache = start_engine(settings, cache)
+        print(cold.summary(), flush=True)
         return run_and_report(engine, settings, job)
     finally:
         stop_all(engine, cache)

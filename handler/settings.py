@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 # Switches that keep every run on loopback: vLLM and LMCache usage telemetry, Hugging Face look-ups
 # for a local model. Applied with setdefault, so a deployment can still override them.
@@ -46,6 +46,13 @@ _NOT_ENGINE_FLAGS = frozenset(
 _FLAG_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # Shared stores LMCACHE_L2_URL may name (RESP servers: Redis, Valkey; S3).
 L2_SCHEMES = frozenset({"redis", "valkey", "s3"})
+
+
+# Marks the settings RunPod (or its SDK) sets, which a deployment does not choose.
+PLATFORM: dict[str, Any] = {"platform": True}
+# Marks the `vllm serve` flags listed as settings (for the Hub's form): checked here, then passed
+# to vLLM's parser like any other flag-named variable.
+VLLM_FLAG: dict[str, Any] = {"vllm_flag": True}
 
 
 class SettingsError(ValueError):
@@ -246,14 +253,110 @@ class Settings(BaseModel):
     metrics_host: str = Field(
         "127.0.0.1", alias="WORKER_METRICS_HOST", description="Address of the metrics server."
     )
+    tensor_parallel_size: int | None = Field(
+        None,
+        alias="TENSOR_PARALLEL_SIZE",
+        gt=0,
+        description="GPUs the model is split across (vLLM's --tensor-parallel-size).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        alias="GPU_MEMORY_UTILIZATION",
+        gt=0,
+        le=1,
+        description="Share of GPU memory vLLM may use, weights and KV cache (vLLM default 0.9).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    max_num_seqs: int | None = Field(
+        None,
+        alias="MAX_NUM_SEQS",
+        gt=0,
+        description="Most sequences in one engine batch (vLLM's --max-num-seqs).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    quantization: str | None = Field(
+        None,
+        alias="QUANTIZATION",
+        description="Weight quantization method (awq, gptq, fp8, ...); unset: from the model.",
+        json_schema_extra=VLLM_FLAG,
+    )
+    kv_cache_dtype: str | None = Field(
+        None,
+        alias="KV_CACHE_DTYPE",
+        description="KV cache dtype (auto, fp8, ...).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    enable_prefix_caching: bool | None = Field(
+        None,
+        alias="ENABLE_PREFIX_CACHING",
+        description="vLLM's own prefix cache in GPU memory (on by default).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    enable_auto_tool_choice: bool | None = Field(
+        None,
+        alias="ENABLE_AUTO_TOOL_CHOICE",
+        description="Let the model call tools on its own (tool_choice auto); needs "
+        "TOOL_CALL_PARSER.",
+        json_schema_extra=VLLM_FLAG,
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        alias="TOOL_CALL_PARSER",
+        description="vLLM's parser for the model's tool-call format (hermes, llama3_json, "
+        "mistral, pythonic, qwen3_xml, ...).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    reasoning_parser: str | None = Field(
+        None,
+        alias="REASONING_PARSER",
+        description="vLLM's parser that splits reasoning from content (deepseek_r1, qwen3, ...).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    trust_remote_code: bool | None = Field(
+        None,
+        alias="TRUST_REMOTE_CODE",
+        description="Run the model repository's own Python code (some architectures need it).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    base_path: str = Field(
+        "/models",
+        alias="BASE_PATH",
+        description="Folder of a model baked into the image at build time (its model.json names "
+        "it); used, offline, when it is MODEL_NAME at MODEL_REVISION.",
+    )
+    model_cache_path: str = Field(
+        "/runpod-volume/huggingface-cache/hub",
+        alias="RUNPOD_MODEL_CACHE",
+        description="RunPod's cached-models folder (Hugging Face hub layout); a model found there "
+        "loads offline. Otherwise the model is downloaded at cold start.",
+    )
+    hf_token: SecretStr | None = Field(
+        None,
+        alias="HF_TOKEN",
+        description="Hugging Face token for gated or private models downloaded at run time.",
+    )
+    runpod_min_memory_gb: float = Field(
+        4.0,
+        alias="RUNPOD_MIN_MEMORY_GB",
+        ge=0,
+        description="Free memory runpod's start-up check asks for; LMCache's default RAM tier "
+        "leaves it free.",
+        json_schema_extra=PLATFORM,
+    )
     runpod_webhook_get_job: str | None = Field(
         None,
         alias="RUNPOD_WEBHOOK_GET_JOB",
         description="Set by RunPod in production. Without it (and without --rp_serve_api or "
         "RUNPOD_REALTIME_PORT) `python -m handler` runs test_input.json and exits.",
+        json_schema_extra=PLATFORM,
     )
     runpod_realtime_port: int = Field(
-        0, alias="RUNPOD_REALTIME_PORT", ge=0, description="Set by RunPod for realtime workers."
+        0,
+        alias="RUNPOD_REALTIME_PORT",
+        ge=0,
+        description="Set by RunPod for realtime workers.",
+        json_schema_extra=PLATFORM,
     )
     engine_passthrough: dict[str, str] = Field(
         default_factory=dict,
@@ -276,6 +379,17 @@ class Settings(BaseModel):
         "input_modalities",
         "supported_sampling_parameters",
         "supported_features",
+        "hf_token",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "max_num_seqs",
+        "quantization",
+        "kv_cache_dtype",
+        "enable_prefix_caching",
+        "enable_auto_tool_choice",
+        "tool_call_parser",
+        "reasoning_parser",
+        "trust_remote_code",
         mode="before",
     )
     @classmethod
@@ -368,6 +482,15 @@ def csv_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def deployment_names() -> list[str]:
+    """The variables a deployment chooses (every setting but those RunPod sets), in order."""
+    return [
+        field.alias
+        for field in Settings.model_fields.values()
+        if field.alias is not None and field.json_schema_extra != PLATFORM
+    ]
+
+
 def env_names() -> dict[str, str]:
     """Environment variable name -> field name, for every setting read from the environment."""
     return {
@@ -380,11 +503,20 @@ def env_names() -> dict[str, str]:
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Build settings from an environment mapping; raise SettingsError naming a bad variable."""
     names = env_names()
-    known = {alias: environ[alias] for alias in names if alias in environ}
+    # an empty value is an unset one (RunPod's forms send "" for an input left blank)
+    known = {alias: environ[alias] for alias in names if environ.get(alias, "").strip()}
+    flags = {
+        field.alias
+        for field in Settings.model_fields.values()
+        if field.json_schema_extra == VLLM_FLAG
+    }
     passthrough = {
         key: value
         for key, value in environ.items()
-        if key not in names and key not in _NOT_ENGINE_FLAGS and _FLAG_NAME.match(key)
+        if (key not in names or key in flags)
+        and key not in _NOT_ENGINE_FLAGS
+        and value.strip()
+        and _FLAG_NAME.match(key)
     }
     try:
         return Settings.model_validate({**known, "engine_passthrough": passthrough})
@@ -399,6 +531,9 @@ def _describe(exc: ValidationError, given: Mapping[str, str]) -> str:
         shown = f"={given[name]!r}" if name in given else ""
         lines.append(f"{name}{shown}: {error['msg']}")
     return "invalid setting: " + "; ".join(lines)
+
+
+HUB_OFFLINE: dict[str, str] = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def apply_process_environment(extra: Mapping[str, str] | None = None) -> None:

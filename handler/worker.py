@@ -1,6 +1,7 @@
 """Cold start and lifecycle of the worker process (``python -m handler``).
 
-Order: environment switches, settings, logging, the vLLM engine (once), then
+Order: environment switches, settings, logging, where the model comes from
+(:mod:`handler.model_source`), the LMCache server, the vLLM engine (once), then
 ``runpod.serverless.start`` with the async-generator handler, ``return_aggregate_stream`` and a
 ``concurrency_modifier`` from settings. runpod's own flags (``--rp_serve_api``,
 ``--rp_log_level``, ...) keep working.
@@ -10,6 +11,9 @@ an error). If the engine dies, :class:`EngineWatch` asks runpod to stop taking j
 path runpod installs: in-flight jobs finish with a 503 error), and the process exits with status 1
 so RunPod replaces the worker; if that takes longer than ``ENGINE_DEAD_GRACE_S`` it exits anyway.
 A malformed setting exits with status 2 and a message that names the variable.
+
+Each cold-start phase is logged with its duration (``cold start: engine took 31.2 s``), then a
+summary line once the worker can take jobs.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from handler import model_source
 from handler.lmcache import LMCacheServer
 from handler.protocol import Engine
 from handler.settings import (
+    HUB_OFFLINE,
     Settings,
     SettingsError,
     apply_process_environment,
@@ -72,6 +79,38 @@ class EngineWatch:
         log.critical("in-flight jobs did not finish within the grace period; exiting now")
         self.before_exit()
         self._hard_exit(1)
+
+
+class ColdStart:
+    """Times the cold-start phases, logs each, and sums them up once the worker is ready."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self.started = clock()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = self._clock()
+        yield
+        self.phases[name] = self._clock() - started
+        log.info("cold start: %s took %.1f s", name, self.phases[name])
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
+        return f"cold start: ready in {self._clock() - self.started:.1f} s ({parts})"
+
+
+def locate_model(settings: Settings) -> Settings:
+    """The settings that load the model from where it is (baked, cached, or to download)."""
+    source = model_source.find(settings)
+    if source.kind == "download":
+        log.info("model %s: not baked in, not in RunPod's cache: downloading", settings.model)
+    else:
+        log.info("model %s: %s at %s", settings.model, source.kind, source.model)
+    if source.offline:
+        apply_process_environment(HUB_OFFLINE)
+    return model_source.apply(settings, source)
 
 
 def sigterm_self() -> None:
@@ -120,12 +159,18 @@ def main() -> None:
     from handler.metrics import serve_metrics
 
     watch = EngineWatch(settings.engine_dead_grace_s, sigterm_self)
-    cache = start_cache(settings)
+    cold = ColdStart()
+    with cold.phase("model location"):
+        settings = locate_model(settings)
+    with cold.phase("LMCache server spawn"):
+        cache = start_cache(settings)
     engine: Engine | None = None
     try:
-        engine, cache = start_engine(settings, cache, watch.trigger)
+        with cold.phase("engine"):
+            engine, cache = start_engine(settings, cache, watch.trigger)
         watch.before_exit = lambda: stop_all(engine, cache)
         serve_metrics(settings, engine, cache)
+        log.info(cold.summary())
         if settings.on_runpod or "--rp_serve_api" in sys.argv:
             handler = make_handler(engine, settings, watch.trigger)
             runpod.serverless.start(runpod_config(settings, handler))

@@ -145,6 +145,10 @@ def test_l1_is_sized_to_the_memory_the_worker_may_use(tmp_path: Path) -> None:
     assert auto_l1_size_gb(24 * 2**30) == 6.0
     assert auto_l1_size_gb(2 * 2**30) == 1.0
     assert auto_l1_size_gb(1024 * 2**30) == 64.0
+    # what runpod's start-up check wants free, and the engine's own share, come first
+    assert auto_l1_size_gb(16 * 2**30) == 4.0
+    assert auto_l1_size_gb(14 * 2**30) == 2.0
+    assert auto_l1_size_gb(14 * 2**30, keep_free_gb=6.0) == 1.0
     cgroup = tmp_path / "memory.max"
     cgroup.write_text(f"{16 * 2**30}\n")
     assert memory_limit_bytes(64 * 2**30, [str(cgroup)]) == 16 * 2**30

@@ -103,3 +103,16 @@ def test_lora_modules_in_both_spellings() -> None:
     assert lora_specs('{"name": "a", "path": "/x"}') == ['{"name": "a", "path": "/x"}']
     assert load_settings({"LORA_MODULES": "a=/x"}).lora_modules == "a=/x"
     assert load_settings({"LORA_MODULES": ""}).lora_modules is None
+
+
+def test_blank_values_are_unset() -> None:
+    s = load_settings({"MAX_MODEL_LEN": "", "LMCACHE_ENABLED": " ", "GPU_MEMORY_UTILIZATION": ""})
+    assert (s.max_model_len, s.lmcache_enabled, s.engine_passthrough) == (None, True, {})
+
+
+def test_listed_vllm_flags_are_checked_then_passed_on() -> None:
+    s = load_settings({"GPU_MEMORY_UTILIZATION": "0.85", "TOOL_CALL_PARSER": "hermes"})
+    assert s.gpu_memory_utilization == 0.85
+    assert s.engine_passthrough == {"GPU_MEMORY_UTILIZATION": "0.85", "TOOL_CALL_PARSER": "hermes"}
+    with pytest.raises(SettingsError, match="^invalid setting: GPU_MEMORY_UTILIZATION='1.5': "):
+        load_settings({"GPU_MEMORY_UTILIZATION": "1.5"})

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from handler.settings import load_settings
-from handler.worker import EngineWatch, runpod_config
+from handler.worker import ColdStart, EngineWatch, runpod_config
 
 
 def test_runpod_config_from_settings() -> None:
@@ -48,3 +48,18 @@ def test_process_defaults_keep_values_already_set(monkeypatch: pytest.MonkeyPatc
         "on",
     )
     monkeypatch.delenv("EXTRA_SWITCH")
+
+
+def test_cold_start_phases_are_timed_and_summed(caplog: pytest.LogCaptureFixture) -> None:
+    ticks = iter([0.0, 1.0, 1.5, 2.0, 32.0, 33.0])
+    cold = ColdStart(clock=lambda: next(ticks))
+    caplog.set_level("INFO", logger="handler.worker")
+    with cold.phase("model location"):
+        pass
+    with cold.phase("engine"):
+        pass
+    assert cold.summary() == "cold start: ready in 33.0 s (model location 0.5 s, engine 30.0 s)"
+    assert [r.getMessage() for r in caplog.records] == [
+        "cold start: model location took 0.5 s",
+        "cold start: engine took 30.0 s",
+    ]
