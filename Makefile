@@ -1,6 +1,6 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run serve test unit integration lint format bench-stream bench-cache
+.PHONY: help setup run serve test unit integration lint format check-image bench-stream bench-cache bench-repro
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
@@ -9,8 +9,10 @@ help:
 	@echo "make unit         fast tests on the fake engine"
 	@echo "make integration  tests on the real vLLM engine"
 	@echo "make lint         ruff and mypy"
+	@echo "make check-image  hadolint, and the GPU image's pins resolved for its platform"
 	@echo "make bench-stream handler vs bare engine streaming overhead"
 	@echo "make bench-cache  time to first token for a repeated prefix: no cache, prefix cache, LMCache"
+	@echo "make bench-repro  same seed alone vs in a batch, and what the settings that hold cost"
 
 setup:
 	@scripts/dev-env
@@ -35,6 +37,9 @@ lint:
 	scripts/in-env ruff format --check handler tests builder bench
 	scripts/in-env mypy
 
+check-image:
+	scripts/in-env scripts/check-image
+
 format:
 	scripts/in-env ruff format handler tests builder bench
 	scripts/in-env ruff check --fix handler tests builder bench
@@ -44,3 +49,6 @@ bench-stream:
 
 bench-cache:
 	scripts/in-env python bench/cache_ttft.py
+
+bench-repro:
+	scripts/in-env python bench/reproducibility.py

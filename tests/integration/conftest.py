@@ -1,7 +1,8 @@
 """Real vLLM engines on the default model (SmolLM2-135M-Instruct), shared by the session.
 
-The settings are configs/local.env plus the converted model that `make` points WORKER_TEST_MODEL
-at; vLLM reads its own variables (VLLM_CPU_*) from the process, so they are applied there too.
+The settings are configs/local.env (configs/gpu.env under scripts/gpu-smoke) plus the converted
+model that `make` points WORKER_TEST_MODEL at; vLLM reads its own variables (VLLM_CPU_*) from
+the process, so they are applied there too.
 
 ``full_env`` adds what the OpenAI-surface tests need: the hermes tool parser and a LoRA adapter
 (``smol-lora``, made for the session). The in-process ``engine`` also runs in float32, the
@@ -28,7 +29,9 @@ LORA = "smol-lora"
 
 def local_env() -> dict[str, str]:
     env: dict[str, str] = {}
-    for line in (ROOT / "configs" / "local.env").read_text().splitlines():
+    # configs/local.env (CPU); scripts/gpu-smoke points WORKER_TEST_ENV at configs/gpu.env
+    path = Path(os.environ.get("WORKER_TEST_ENV") or ROOT / "configs" / "local.env")
+    for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
             env[key.strip()] = value.strip()
