@@ -315,7 +315,7 @@ class VllmEngine:
 
     async def _abort(self, pumping: Future[None], call: EngineCall) -> None:
         pumping.cancel()
-        ids = [f"chatcmpl-{call.request_id}", f"cmpl-{call.request_id}", call.request_id]
+        ids = [f"{prefix}{call.request_id}" for prefix in ("chatcmpl-", "cmpl-", "resp_")]
         done = asyncio.run_coroutine_threadsafe(self._client.abort(ids), self._loop)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), timeout=5)

@@ -21,6 +21,7 @@ Errors: :class:`~handler.errors.InvalidRequest` (400) for a malformed envelope,
 from __future__ import annotations
 
 import enum
+import typing
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -40,15 +41,7 @@ Route = Literal[
     "/v1/detokenize",
     "/v1/responses",
 ]
-ROUTES: tuple[Route, ...] = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/models",
-    "/v1/embeddings",
-    "/v1/tokenize",
-    "/v1/detokenize",
-    "/v1/responses",
-)
+ROUTES: tuple[Route, ...] = typing.get_args(Route)
 # Routes whose request carries the engine request id (tokenizing runs no engine request).
 _TRACKED: frozenset[str] = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"}
@@ -215,7 +208,8 @@ def _openai_call(job: OpenAIRouteJob, request_id: str) -> EngineCall:
     route = normalize_route(job.openai_route)
     body = dict(job.openai_input or {})
     if route in _TRACKED:
-        body["request_id"] = request_id
+        # vLLM uses it as the Responses API's response id, which OpenAI's start with resp_
+        body["request_id"] = ("resp_" if route == "/v1/responses" else "") + request_id
     return EngineCall(route=route, body=body, request_id=request_id)
 
 

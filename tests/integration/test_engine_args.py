@@ -25,5 +25,8 @@ def test_passthrough_reaches_vllm_args(worker_env: dict[str, str]) -> None:
 
 
 def test_malformed_passthrough_names_the_variable(worker_env: dict[str, str]) -> None:
-    with pytest.raises(SettingsError, match=r"^invalid TENSOR_PARALLEL_SIZE='two': "):
-        build_args(load_settings({**worker_env, "TENSOR_PARALLEL_SIZE": "two"}))
+    with pytest.raises(SettingsError, match=r"^invalid MAX_NUM_BATCHED_TOKENS='many': "):
+        build_args(load_settings({**worker_env, "MAX_NUM_BATCHED_TOKENS": "many"}))
+    # the vLLM flags listed as settings are checked when the settings load
+    with pytest.raises(SettingsError, match=r"^invalid setting: TENSOR_PARALLEL_SIZE='two': "):
+        load_settings({**worker_env, "TENSOR_PARALLEL_SIZE": "two"})

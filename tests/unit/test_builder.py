@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from builder.download_model import folder_name, main, manifest, skipped_patterns, token
@@ -46,3 +47,13 @@ def test_the_worker_finds_what_the_builder_bakes(tmp_path: Path) -> None:
     assert find(settings) == ModelSource(
         "baked", str(tmp_path / "org--llm"), str(tmp_path / "org--tok"), offline=True
     )
+
+
+def test_the_handler_never_imports_builder() -> None:
+    root = Path(__file__).resolve().parents[2] / "handler"
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if re.search(r"^\s*(from|import) builder\b", path.read_text(), flags=re.MULTILINE)
+    ]
+    assert offenders == []

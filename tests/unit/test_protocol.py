@@ -188,6 +188,8 @@ def test_request_id_only_where_an_engine_request_runs(
         parse_job({"openai_route": route, "openai_input": {"model": "m"}}), settings, "j"
     )
     assert ("request_id" in call.body) is tracked
+    if route == "/v1/responses":
+        assert call.body["request_id"] == "resp_" + call.request_id
 
 
 def test_batch_items_are_parsed_one_by_one(settings: Settings) -> None:
