@@ -17,6 +17,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionTokenLogprob
 
+from handler.model_card import SAMPLING_PARAMETERS
 from tests.integration.conftest import LORA, MODEL_ID
 from tests.integration.samples import (
     ANSWER,
@@ -82,21 +83,7 @@ def test_models_list_the_base_model_and_the_adapter_with_openrouter_fields(
         "input_modalities": ["text"],
         "output_modalities": ["text"],
         "pricing": {"prompt": "0", "completion": "0"},
-        "supported_sampling_parameters": [
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "frequency_penalty",
-            "presence_penalty",
-            "repetition_penalty",
-            "stop",
-            "seed",
-            "max_tokens",
-            "logit_bias",
-            "logprobs",
-            "top_logprobs",
-        ],
+        "supported_sampling_parameters": list(SAMPLING_PARAMETERS),
         "supported_features": ["tools", "json_mode", "structured_outputs", "logprobs"],
         "hugging_face_id": "",
     }
