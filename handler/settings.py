@@ -31,6 +31,9 @@ TELEMETRY_OFF: dict[str, str] = {
     "DO_NOT_TRACK": "1",
     "LMCACHE_TRACK_USAGE": "false",
 }
+# vLLM limits a request's `n` to 16384 by default; one request with n=4096 held a CPU worker for
+# over a minute. OpenAI's API takes at most 128. Also applied with setdefault.
+ENGINE_LIMITS: dict[str, str] = {"VLLM_MAX_N_SEQUENCES": "128"}
 # The local entry points (local run, tests, benchmarks) also skip runpod's start-up fitness
 # checks, one of which opens a connection to a public DNS server.
 LOCAL_ONLY: dict[str, str] = {
@@ -537,11 +540,12 @@ HUB_OFFLINE: dict[str, str] = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1
 
 
 def apply_process_environment(extra: Mapping[str, str] | None = None) -> None:
-    """Set the telemetry switches (and ``extra``) in os.environ, keeping values already set.
+    """Set the telemetry switches, the engine limits (and ``extra``) in os.environ, keeping values
+    already set.
 
     Called once by an entry point before vLLM or runpod are imported.
     """
-    for key, value in {**TELEMETRY_OFF, **(extra or {})}.items():
+    for key, value in {**TELEMETRY_OFF, **ENGINE_LIMITS, **(extra or {})}.items():
         os.environ.setdefault(key, value)
 
 

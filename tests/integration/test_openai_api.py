@@ -274,6 +274,10 @@ def test_n_two_gives_two_choices(client: openai.OpenAI) -> None:
         for c in chunk.choices:
             texts[c.index] += c.delta.content or ""
     assert texts == {c.index: c.message.content for c in answer.choices}
+    # n is capped at OpenAI's 128 (vLLM's own cap is 16384: one such request holds a worker)
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, n=129, max_tokens=1)
+    assert caught.value.body["message"].startswith("n must be at most 128, got 129")  # type: ignore[index]
 
 
 def test_stop_seed_and_max_completion_tokens(client: openai.OpenAI) -> None:
