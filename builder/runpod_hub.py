@@ -67,7 +67,7 @@ def env_input(key: str, field: FieldInfo) -> dict[str, Any]:
 
 def hub_json() -> dict[str, Any]:
     fields = {field.alias: field for field in Settings.model_fields.values() if field.alias}
-    order = [k for k in MAIN_INPUTS] + [k for k in deployment_names() if k not in MAIN_INPUTS]
+    order = [*MAIN_INPUTS, *(k for k in deployment_names() if k not in MAIN_INPUTS)]
     return {
         "title": "vLLM + LMCache",
         "description": "OpenAI-compatible LLM endpoint on vLLM, with LMCache keeping KV caches "

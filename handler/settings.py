@@ -366,39 +366,6 @@ class Settings(BaseModel):
         description="Other variables, passed to vLLM when named like one of its flags.",
     )
 
-    @field_validator(
-        "model_revision",
-        "tokenizer",
-        "served_model_name",
-        "lmcache_l1_size_gb",
-        "lmcache_disk_path",
-        "lmcache_l2_url",
-        "lmcache_l2_adapters",
-        "lora_modules",
-        "model_display_name",
-        "hugging_face_id",
-        "max_output_length",
-        "model_quantization",
-        "input_modalities",
-        "supported_sampling_parameters",
-        "supported_features",
-        "hf_token",
-        "tensor_parallel_size",
-        "gpu_memory_utilization",
-        "max_num_seqs",
-        "quantization",
-        "kv_cache_dtype",
-        "enable_prefix_caching",
-        "enable_auto_tool_choice",
-        "tool_call_parser",
-        "reasoning_parser",
-        "trust_remote_code",
-        mode="before",
-    )
-    @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        return None if value == "" else value
-
     @field_validator("lmcache_l2_url")
     @classmethod
     def _known_store(cls, value: str | None) -> str | None:
