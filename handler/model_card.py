@@ -6,7 +6,9 @@ Out: the same listing, every card keeping OpenAI's fields (``id``, ``object``, `
 ``owned_by``) and vLLM's, with ``name``, ``context_length``, ``max_output_length``,
 ``quantization``, ``input_modalities``, ``output_modalities``, ``pricing`` (USD per token, as
 strings), ``supported_sampling_parameters``, ``supported_features`` and ``hugging_face_id`` added.
-Each comes from its setting when set, else from the engine. Pure; raises nothing.
+Each comes from its setting when set, else from the engine. vLLM's ``root`` (where the weights
+were loaded from) is a local path on a worker: it becomes the Hugging Face id, or the card's own
+id, so no answer shows the worker's files. Pure; raises nothing.
 """
 
 from __future__ import annotations
@@ -87,5 +89,16 @@ def describe_models(listing: dict[str, Any], settings: Settings, info: ModelInfo
     """The listing with the OpenRouter fields added to every card (vLLM's cards have none of
     them, so nothing of vLLM's is replaced)."""
     extra = card_fields(settings, info)
-    cards = [{**card, **extra} for card in listing.get("data") or []]
+    cards = [
+        {**card, **extra, **_public_root(card, extra["hugging_face_id"])}
+        for card in listing.get("data") or []
+    ]
     return {**listing, "data": cards}
+
+
+def _public_root(card: dict[str, Any], hub_id: str) -> dict[str, Any]:
+    """``root`` without a local path: the Hub id for the base model, else the card's id."""
+    root = card.get("root")
+    if not isinstance(root, str) or not root.startswith(("/", ".", "~")):
+        return {}
+    return {"root": hub_id if hub_id and not card.get("parent") else card.get("id")}

@@ -2,7 +2,8 @@
 
 Order: environment switches, settings, logging, where the model comes from
 (:mod:`handler.model_source`), the LMCache server, the vLLM engine (once), then
-``runpod.serverless.start`` with the async-generator handler, ``return_aggregate_stream`` and a
+``runpod.serverless.start`` (its job loop made prompt by :mod:`handler.job_loop`) with the
+async-generator handler, ``return_aggregate_stream`` and a
 ``concurrency_modifier`` from settings. runpod's own flags (``--rp_serve_api``,
 ``--rp_log_level``, ...) keep working.
 
@@ -18,6 +19,7 @@ summary line once the worker can take jobs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -28,6 +30,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
+
+import uvloop
 
 from handler import model_source
 from handler.lmcache import LMCacheServer
@@ -150,11 +154,12 @@ def main() -> None:
     apply_process_environment(RUNPOD_LOG_DEFAULTS)
     settings = load_or_exit()
     configure_logging(settings)
+    # uvloop (as `vllm serve`) for every event loop of the worker: the engine's, and runpod's
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # Until runpod installs its own handlers, SIGTERM unwinds through the engine shutdown below.
     signal.signal(signal.SIGTERM, _exit_on_signal)
 
-    import runpod
-
+    from handler import job_loop
     from handler.jobs import make_handler
     from handler.metrics import serve_metrics
 
@@ -173,7 +178,7 @@ def main() -> None:
         log.info(cold.summary())
         if settings.on_runpod or "--rp_serve_api" in sys.argv:
             handler = make_handler(engine, settings, watch.trigger)
-            runpod.serverless.start(runpod_config(settings, handler))
+            job_loop.start(runpod_config(settings, handler))
         else:  # runpod's local mode would only print the generator object: run the job here
             from handler.run_local import read_job, run_and_report
 

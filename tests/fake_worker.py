@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 
-import runpod
-
+from handler import job_loop
 from handler.jobs import make_handler
 from handler.metrics import serve_metrics
 from handler.settings import apply_process_environment, load_settings
@@ -26,7 +25,7 @@ def main() -> None:
     configure_logging(settings)
     engine = FakeEngine(pause=float(os.environ.get("FAKE_ENGINE_PAUSE", "0")))
     serve_metrics(settings, engine)
-    runpod.serverless.start(runpod_config(settings, make_handler(engine, settings)))
+    job_loop.start(runpod_config(settings, make_handler(engine, settings)))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import uvicorn
+import uvloop
 
 from handler.local.app import create_app
 from handler.local.jobstore import JobStore
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    raise SystemExit(asyncio.run(serve(options)))
+    raise SystemExit(uvloop.run(serve(options)))
 
 
 if __name__ == "__main__":

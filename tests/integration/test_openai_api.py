@@ -72,6 +72,8 @@ def test_models_list_the_base_model_and_the_adapter_with_openrouter_fields(
     assert (base.id, base.object, base.owned_by) == (MODEL_ID, "model", "vllm")
     assert (lora.id, lora.model_extra and lora.model_extra["parent"]) == (LORA, MODEL_ID)
     assert base.model_extra is not None
+    # vLLM's root is the folder the weights came from: a worker's path is never shown
+    assert (base.model_extra["root"], lora.model_extra["root"]) == (MODEL_ID, LORA)
     extra = {k: base.model_extra[k] for k in base.model_extra if k not in ("root", "permission")}
     assert extra == {
         "parent": None,

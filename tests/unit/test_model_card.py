@@ -117,3 +117,33 @@ def test_engine_facts(
 )
 def test_hub_id_from_model_name(model: str, hub_id: str) -> None:
     assert default_hub_id(model) == hub_id
+
+
+@pytest.mark.parametrize(
+    ("hub_id", "roots"),
+    [
+        ("Qwen/Qwen3-8B", ["Qwen/Qwen3-8B", "sql"]),  # baked or cached: the Hub id
+        ("", ["qwen", "sql"]),  # a local folder: the served names
+    ],
+)
+def test_local_paths_in_root_are_replaced(hub_id: str, roots: list[str]) -> None:
+    settings = load_settings(
+        {"MODEL_NAME": "/models/q", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "qwen"}
+        | ({"HUGGING_FACE_ID": hub_id} if hub_id else {})
+    )
+    listing = {
+        "object": "list",
+        "data": [
+            {**LISTING["data"][0], "root": "/models/q"},
+            {**LISTING["data"][1], "root": "./adapters/sql"},
+        ],
+    }
+    cards = describe_models(listing, settings, INFO)["data"]
+    assert [card["root"] for card in cards] == roots
+
+
+def test_a_hub_root_is_kept() -> None:
+    settings = load_settings({"MODEL_NAME": "Qwen/Qwen3-8B"})
+    listing = {"object": "list", "data": [{**LISTING["data"][0], "root": "Qwen/Qwen3-8B"}]}
+    [card] = describe_models(listing, settings, INFO)["data"]
+    assert card["root"] == "Qwen/Qwen3-8B"

@@ -1,0 +1,531 @@
+"""The worker against the bare engine, under load, in one run: ``make bench``.
+
+The same requests (distinct random prompts of ``--prompt-tokens`` token ids, greedy,
+``ignore_eos``, ``--max-tokens`` generated) go through
+
+* **bare**: vLLM's ``AsyncLLM`` built from the worker's own engine arguments (same model, dtype,
+  KV cache, LMCache connector and server), called in this process;
+* **full**: the OpenAI SDK -> the local RunPod endpoint (``python -m handler.local``) -> a worker
+  process under runpod's production loop (job-take, stream POSTs, job-done) -> the handler ->
+  vLLM's OpenAI layer -> the engine; once as is, once with 100 ms added to every stream POST
+  (``--stream-post-delay-ms``, RunPod's round trip).
+
+at each concurrency (``--concurrency``), streamed and one-shot. Engines run one at a time, so
+neither path competes with the other for the CPU. Per cell: time to first token (p50, p99;
+streamed), inter-token latency (a stream's first to last token over its tokens, p50, p99),
+request latency, output tokens/s over the cell, and stream POSTs per job (from the endpoint's
+metrics). Then the issue's targets as ratios of this run.
+
+Writes ``OUT/load.json`` (``--baseline`` compares a new run with an older file) and
+``OUT/load.png``, and prints a Markdown table.
+
+Usage: scripts/in-env python bench/load.py [--out DIR] [--concurrency 1,4,16] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings  # noqa: E402
+from tests.integration.conftest import MODEL_ID, local_env  # noqa: E402
+from tests.local_endpoint import LocalEndpoint, local_endpoint  # noqa: E402
+
+STREAM_POSTS = "runpod_local_job_stream_posts"
+
+
+@dataclass
+class Sample:
+    """One request, client side."""
+
+    latency: float
+    tokens: int
+    ttft: float | None = None  # streamed only
+    itl: float | None = None  # (last token - first token) / (tokens - 1), streamed only
+
+
+@dataclass
+class Cell:
+    path: str  # "bare" or "full"
+    streamed: bool
+    concurrency: int
+    post_delay_ms: float
+    requests: int = 0
+    wall_s: float = 0.0
+    output_tokens: int = 0
+    tok_s: float = 0.0
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
+    latency_p50_ms: float = 0.0
+    posts_per_job: float | None = None
+    samples: list[Sample] = field(default_factory=list, repr=False)
+
+    @property
+    def label(self) -> str:
+        mode = "streamed" if self.streamed else "one-shot"
+        if self.path == "bare":
+            return f"bare AsyncLLM, {mode}"
+        return f"full path, {mode}, POST +{self.post_delay_ms:.0f} ms"
+
+    def summarise(self, wall_s: float) -> None:
+        self.requests, self.wall_s = len(self.samples), wall_s
+        self.output_tokens = sum(s.tokens for s in self.samples)
+        self.tok_s = self.output_tokens / wall_s
+        self.latency_p50_ms = percentile([s.latency for s in self.samples], 50) * 1000
+        ttfts = [s.ttft for s in self.samples if s.ttft is not None]
+        itls = [s.itl for s in self.samples if s.itl is not None]
+        if ttfts:
+            self.ttft_p50_ms = percentile(ttfts, 50) * 1000
+            self.ttft_p99_ms = percentile(ttfts, 99) * 1000
+        if itls:
+            self.itl_p50_ms = percentile(itls, 50) * 1000
+            self.itl_p99_ms = percentile(itls, 99) * 1000
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+class Progress:
+    """One line per cell on stderr, rewritten in place on a terminal."""
+
+    def __init__(self, total_cells: int) -> None:
+        self.total, self.done = total_cells, 0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, cell: Cell, finished: int, planned: int) -> None:
+        line = f"[{self.done + 1}/{self.total}] {cell.label}, concurrency {cell.concurrency}: "
+        line += f"{finished}/{planned} requests"
+        if self.tty:
+            print("\r" + line, end="\n" if finished == planned else "", file=sys.stderr, flush=True)
+        elif finished == planned or finished % max(1, planned // 4) == 0:
+            print(line, file=sys.stderr, flush=True)
+        if finished == planned:
+            self.done += 1
+
+
+async def run_cell(
+    cell: Cell, call: Callable[[int], Awaitable[Sample]], planned: int, progress: Progress
+) -> None:
+    """``planned`` requests, ``cell.concurrency`` at a time, request i on prompt i."""
+    pending = iter(range(planned))
+
+    async def lane() -> None:
+        for i in pending:
+            cell.samples.append(await call(i))
+            progress.update(cell, len(cell.samples), planned)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(cell.concurrency)))
+    cell.summarise(time.perf_counter() - started)
+
+
+class Clock:
+    """Times one request: first and last token, tokens seen."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def saw_tokens(self) -> None:
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last = now
+
+    def sample(self, tokens: int, streamed: bool) -> Sample:
+        end = time.perf_counter()
+        if not streamed or self.first is None or self.last is None:
+            return Sample(latency=end - self.start, tokens=tokens)
+        itl = (self.last - self.first) / (tokens - 1) if tokens > 1 else None
+        return Sample(end - self.start, tokens, self.first - self.start, itl)
+
+
+# -- the bare engine -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def bare_engine(env: dict[str, str]) -> Any:
+    """vLLM's AsyncLLM from the worker's own arguments, with the worker's LMCache server."""
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+    from handler.engine import build_args
+    from handler.worker import start_cache
+
+    settings = load_settings(env)
+    cache = start_cache(settings)
+    try:
+        args = build_args(settings, cache.connector_config() if cache else None)
+        async with build_async_engine_client(args) as llm:
+            if cache is not None:
+                cache.wait_healthy(120)
+            yield llm
+    finally:
+        if cache is not None:
+            cache.stop()
+
+
+async def bare_request(llm: Any, ids: list[int], max_tokens: int, streamed: bool) -> Sample:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, output_kind=kind)
+    clock, tokens = Clock(), 0
+    async for out in llm.generate({"prompt_token_ids": ids}, params, f"bare-{time.time_ns()}"):
+        new = len(out.outputs[0].token_ids)
+        if new and streamed:
+            clock.saw_tokens()
+        tokens = tokens + new if streamed else new
+    return clock.sample(tokens, streamed)
+
+
+# -- the full path ---------------------------------------------------------------------------------
+
+
+async def full_request(client: Any, ids: list[int], max_tokens: int, streamed: bool) -> Sample:
+    request: dict[str, Any] = {
+        "model": MODEL_ID,
+        "prompt": ids,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    clock = Clock()
+    if not streamed:
+        answer = await client.completions.create(**request)
+        return clock.sample(answer.usage.completion_tokens, streamed)
+    stream = await client.completions.create(
+        **request, stream=True, stream_options={"include_usage": True}
+    )
+    tokens = 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            clock.saw_tokens()
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return clock.sample(tokens, streamed)
+
+
+def endpoint_metric(endpoint: LocalEndpoint, name: str) -> float:
+    with urllib.request.urlopen(f"{endpoint.url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+@contextlib.contextmanager
+def full_path(env: dict[str, str], post_delay_ms: float) -> Iterator[LocalEndpoint]:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        local_endpoint(
+            Path(tmp), env, "--stream-post-delay-ms", str(post_delay_ms), start_timeout=600
+        ) as endpoint,
+    ):
+        yield endpoint
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    concurrency: list[int]
+    rounds: int
+    max_tokens: int
+    prompt_tokens: int
+    vocab: int
+    seed: int = 0
+
+    def requests(self, concurrency: int) -> int:
+        return max(4, self.rounds * concurrency)
+
+    def prompts(self, streamed: bool, concurrency: int) -> list[list[int]]:
+        """Distinct prompts per cell (no cache hits), the same for both paths."""
+        rng = random.Random(f"{self.seed}-{streamed}-{concurrency}")
+        return [
+            [rng.randrange(1000, self.vocab - 1000) for _ in range(self.prompt_tokens)]
+            for _ in range(self.requests(concurrency))
+        ]
+
+    def warmup(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}-warmup")
+        return [[rng.randrange(1000, self.vocab - 1000) for _ in range(32)] for _ in range(4)]
+
+
+async def measure_bare(env: dict[str, str], plan: Plan, progress: Progress) -> list[Cell]:
+    cells: list[Cell] = []
+    async with bare_engine(env) as llm:
+        await asyncio.gather(*(bare_request(llm, p, 16, True) for p in plan.warmup()))
+        for streamed in (True, False):
+            for c in plan.concurrency:
+                cell = Cell("bare", streamed, c, 0.0)
+                prompts = plan.prompts(streamed, c)
+                await run_cell(
+                    cell,
+                    lambda i, p=prompts, s=streamed: bare_request(llm, p[i], plan.max_tokens, s),
+                    len(prompts),
+                    progress,
+                )
+                cells.append(cell)
+    return cells
+
+
+async def measure_full(
+    endpoint: LocalEndpoint,
+    plan: Plan,
+    delay_ms: float,
+    modes: tuple[bool, ...],
+    progress: Progress,
+) -> list[Cell]:
+    import openai
+
+    client = openai.AsyncOpenAI(
+        base_url=endpoint.openai_base, api_key=endpoint.key, max_retries=0, timeout=900
+    )
+    cells: list[Cell] = []
+    try:
+        await asyncio.gather(*(full_request(client, p, 16, True) for p in plan.warmup()))
+        for streamed in modes:
+            for c in plan.concurrency:
+                cell = Cell("full", streamed, c, delay_ms)
+                prompts = plan.prompts(streamed, c)
+                posts = endpoint_metric(endpoint, STREAM_POSTS + "_sum")
+                jobs = endpoint_metric(endpoint, STREAM_POSTS + "_count")
+                await run_cell(
+                    cell,
+                    lambda i, p=prompts, s=streamed: full_request(client, p[i], plan.max_tokens, s),
+                    len(prompts),
+                    progress,
+                )
+                jobs = endpoint_metric(endpoint, STREAM_POSTS + "_count") - jobs
+                posts = endpoint_metric(endpoint, STREAM_POSTS + "_sum") - posts
+                cell.posts_per_job = posts / jobs if jobs else None
+                cells.append(cell)
+    finally:
+        await client.close()
+    return cells
+
+
+def find(cells: list[Cell], path: str, streamed: bool, c: int, delay: float = 0.0) -> Cell:
+    return next(
+        x
+        for x in cells
+        if (x.path, x.streamed, x.concurrency, x.post_delay_ms) == (path, streamed, c, delay)
+    )
+
+
+def targets(cells: list[Cell], plan: Plan) -> list[dict[str, Any]]:
+    """The issue's targets, each a ratio or difference within this run."""
+    rows: list[dict[str, Any]] = []
+    for c in plan.concurrency:
+        for streamed in (True, False):
+            bare, full = find(cells, "bare", streamed, c), find(cells, "full", streamed, c)
+            mode = "streamed" if streamed else "one-shot"
+            rows.append(
+                target(f"output tok/s, full / bare, {mode}, c={c}", full.tok_s / bare.tok_s, 0.95)
+            )
+        bare, full = find(cells, "bare", True, c), find(cells, "full", True, c)
+        overhead = (full.ttft_p50_ms or 0.0) - (bare.ttft_p50_ms or 0.0)
+        rows.append(target(f"TTFT p50 overhead ms, c={c}", overhead, 10.0, at_most=True))
+        delayed = find(cells, "full", True, c, 100.0)
+        rows.append(
+            target(f"output tok/s, POST +100 ms / bare, c={c}", delayed.tok_s / bare.tok_s, 0.9)
+        )
+    return rows
+
+
+def target(name: str, value: float, bound: float, at_most: bool = False) -> dict[str, Any]:
+    met = value <= bound if at_most else value >= bound
+    bound_text = f"{'<=' if at_most else '>='} {bound}"
+    return {"name": name, "value": round(value, 3), "target": bound_text, "met": met}
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": psutil.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": None,
+        "python": platform.python_version(),
+    }
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def table(cells: list[Cell]) -> str:
+    lines = [
+        "| path | concurrency | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+        "output tok/s | stream POSTs per job |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for x in cells:
+        lines.append(
+            f"| {x.label} | {x.concurrency} | {fmt(x.ttft_p50_ms)} | {fmt(x.ttft_p99_ms)} | "
+            f"{fmt(x.itl_p50_ms, 1)} | {fmt(x.itl_p99_ms, 1)} | {x.tok_s:.1f} | "
+            f"{fmt(x.posts_per_job, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def target_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| target | this run | bound | met |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['value']} | {row['target']} | "
+            f"{'yes' if row['met'] else '**no**'} |"
+        )
+    return "\n".join(lines)
+
+
+def compare(cells: list[Cell], baseline: dict[str, Any]) -> str:
+    """Output tok/s and TTFT p50 of this run over the baseline's, cell by cell."""
+    old = {
+        (c["path"], c["streamed"], c["concurrency"], c["post_delay_ms"]): c
+        for c in baseline["cells"]
+    }
+    lines = ["| path | concurrency | tok/s now / then | TTFT p50 now / then |", "|---|---|---|---|"]
+    for x in cells:
+        then = old.get((x.path, x.streamed, x.concurrency, x.post_delay_ms))
+        if then is None:
+            continue
+        ttft = (
+            f"{x.ttft_p50_ms / then['ttft_p50_ms']:.2f}"
+            if x.ttft_p50_ms and then.get("ttft_p50_ms")
+            else "—"
+        )
+        lines.append(f"| {x.label} | {x.concurrency} | {x.tok_s / then['tok_s']:.2f} | {ttft} |")
+    return "\n".join(lines)
+
+
+def chart(cells: list[Cell], plan: Plan, where: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(x.label for x in cells))
+    panels = [
+        ("output tokens/s (higher is better)", lambda x: x.tok_s),
+        ("time to first token p50, ms", lambda x: x.ttft_p50_ms),
+        ("inter-token latency p50, ms", lambda x: x.itl_p50_ms),
+        ("stream POSTs per job", lambda x: x.posts_per_job),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    width = 0.8 / len(labels)
+    for ax, (title, value) in zip(axes.flat, panels, strict=True):
+        for k, label in enumerate(labels):
+            xs, ys = [], []
+            for j, c in enumerate(plan.concurrency):
+                cell = next((x for x in cells if x.label == label and x.concurrency == c), None)
+                v = value(cell) if cell else None
+                if v is not None:
+                    xs.append(j + (k - (len(labels) - 1) / 2) * width)
+                    ys.append(v)
+            ax.bar(xs, ys, width, label=label)
+        ax.set_xticks(range(len(plan.concurrency)), [f"c={c}" for c in plan.concurrency])
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(
+        f"{MODEL_ID}, prompt {plan.prompt_tokens} tokens, {plan.max_tokens} generated, greedy; "
+        f"{where['cpu']}, {where['cores']} cores, no GPU",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="requests per cell: rounds x concurrency, at least 4"
+    )
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--baseline", type=Path, help="an earlier load.json to compare with")
+    options = parser.parse_args()
+
+    env = local_env()
+    apply_process_environment({**env, **LOCAL_ONLY})
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(env["MODEL_NAME"]).vocab_size
+    plan = Plan(
+        [int(c) for c in options.concurrency.split(",")],
+        options.rounds,
+        options.max_tokens,
+        options.prompt_tokens,
+        vocab,
+    )
+    progress = Progress(len(plan.concurrency) * 5)
+    started = time.perf_counter()
+    cells = asyncio.run(measure_bare(env, plan, progress))
+    for delay, modes in ((0.0, (True, False)), (100.0, (True,))):
+        with full_path(env, delay) as endpoint:
+            cells += asyncio.run(measure_full(endpoint, plan, delay, modes, progress))
+
+    where = machine()
+    rows = targets(cells, plan)
+    options.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": "make bench (" + " ".join(["bench/load.py", *sys.argv[1:]]) + ")",
+        "machine": where,
+        "plan": {k: v for k, v in asdict(plan).items() if k != "vocab"},
+        "model": MODEL_ID,
+        "took_s": round(time.perf_counter() - started, 1),
+        "cells": [
+            {k: v for k, v in asdict(c).items() if k != "samples"} | {"label": c.label}
+            for c in cells
+        ],
+        "targets": rows,
+    }
+    (options.out / "load.json").write_text(json.dumps(result, indent=1) + "\n")
+    chart(cells, plan, where, options.out / "load.png")
+    print(f"\n{MODEL_ID}; {where['cpu']}, {where['cores']} cores; took {result['took_s']} s")
+    print(f"{plan.requests(1)}..{plan.requests(max(plan.concurrency))} requests per cell\n")
+    print(table(cells) + "\n\n" + target_table(rows))
+    if options.baseline:
+        print("\nagainst " + str(options.baseline) + "\n")
+        print(compare(cells, json.loads(options.baseline.read_text())))
+    print(f"\nwrote {options.out / 'load.json'} and {options.out / 'load.png'}")
+
+
+if __name__ == "__main__":
+    main()
