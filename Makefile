@@ -1,6 +1,6 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run serve test unit integration lint format check-image bench-stream bench-cache bench-repro
+.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
@@ -8,8 +8,10 @@ help:
 	@echo "make test         set up, then lint, type-check and run every test"
 	@echo "make unit         fast tests on the fake engine"
 	@echo "make integration  tests on the real vLLM engine"
+	@echo "make soak         the soak test for 30 minutes (SOAK_S=seconds to change)"
 	@echo "make lint         ruff and mypy"
 	@echo "make check-image  hadolint, and the GPU image's pins resolved for its platform"
+	@echo "make bench        the full path vs the bare engine under load: table, chart, JSON"
 	@echo "make bench-stream handler vs bare engine streaming overhead"
 	@echo "make bench-cache  time to first token for a repeated prefix: no cache, prefix cache, LMCache"
 	@echo "make bench-repro  same seed alone vs in a batch, and what the settings that hold cost"
@@ -32,6 +34,9 @@ unit:
 integration:
 	scripts/in-env python -m pytest tests/integration
 
+soak:
+	SOAK_S=$${SOAK_S:-1800} scripts/in-env python -m pytest tests/integration/test_soak.py
+
 lint:
 	scripts/in-env ruff check handler tests builder bench
 	scripts/in-env ruff format --check handler tests builder bench
@@ -43,6 +48,9 @@ check-image:
 format:
 	scripts/in-env ruff format handler tests builder bench
 	scripts/in-env ruff check --fix handler tests builder bench
+
+bench:
+	scripts/in-env python bench/load.py $(ARGS)
 
 bench-stream:
 	scripts/in-env python bench/stream_overhead.py

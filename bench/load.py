@@ -67,6 +67,7 @@ class Cell:
     streamed: bool
     concurrency: int
     post_delay_ms: float
+    probe: bool = False  # the TTFT probe: short streams, one at a time
     requests: int = 0
     wall_s: float = 0.0
     output_tokens: int = 0
@@ -77,11 +78,14 @@ class Cell:
     itl_p99_ms: float | None = None
     latency_p50_ms: float = 0.0
     posts_per_job: float | None = None
+    cpu_s_per_1k_tokens: dict[str, float] = field(default_factory=dict)
     samples: list[Sample] = field(default_factory=list, repr=False)
 
     @property
     def label(self) -> str:
         mode = "streamed" if self.streamed else "one-shot"
+        if self.probe:
+            mode = "TTFT probe"
         if self.path == "bare":
             return f"bare AsyncLLM, {mode}"
         return f"full path, {mode}, POST +{self.post_delay_ms:.0f} ms"
@@ -128,6 +132,36 @@ class Progress:
             self.done += 1
 
 
+ROLES = (
+    ("EngineCore", "engine core"),
+    ("lmcache", "LMCache server"),
+    ("handler.local", "local endpoint"),
+    ("-m handler", "worker: runpod loop, handler, vLLM frontend"),
+)
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process and each of its descendants, with its role. This
+    process is the client (for the bare engine also vLLM's frontend: AsyncLLM runs in it)."""
+    me = psutil.Process()
+    found: dict[int, tuple[str, float]] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            text = proc.name() + " " + " ".join(proc.cmdline())
+            role = next((r for key, r in ROLES if key in text), "other")
+            found[proc.pid] = ("client" if proc.pid == me.pid else role, times.user + times.system)
+    return found
+
+
+def cpu_spent(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in cpu_by_process().items():
+        if pid in before:
+            spent[role] = spent.get(role, 0.0) + seconds - before[pid][1]
+    return spent
+
+
 async def run_cell(
     cell: Cell, call: Callable[[int], Awaitable[Sample]], planned: int, progress: Progress
 ) -> None:
@@ -139,9 +173,14 @@ async def run_cell(
             cell.samples.append(await call(i))
             progress.update(cell, len(cell.samples), planned)
 
+    cpu = cpu_by_process()
     started = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(cell.concurrency)))
     cell.summarise(time.perf_counter() - started)
+    per_1k = 1000 / max(cell.output_tokens, 1)
+    cell.cpu_s_per_1k_tokens = {
+        role: round(seconds * per_1k, 2) for role, seconds in sorted(cpu_spent(cpu).items())
+    }
 
 
 class Clock:
@@ -261,6 +300,8 @@ class Plan:
     prompt_tokens: int
     vocab: int
     seed: int = 0
+    probe_requests: int = 20
+    probe_tokens: int = 8
 
     def requests(self, concurrency: int) -> int:
         return max(4, self.rounds * concurrency)
@@ -273,15 +314,36 @@ class Plan:
             for _ in range(self.requests(concurrency))
         ]
 
+    def probe_prompts(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}-probe")
+        return [
+            [rng.randrange(1000, self.vocab - 1000) for _ in range(self.prompt_tokens)]
+            for _ in range(self.probe_requests)
+        ]
+
     def warmup(self) -> list[list[int]]:
         rng = random.Random(f"{self.seed}-warmup")
         return [[rng.randrange(1000, self.vocab - 1000) for _ in range(32)] for _ in range(4)]
+
+
+async def probe(
+    path: str, call: Callable[[list[int], int], Awaitable[Sample]], plan: Plan, progress: Progress
+) -> Cell:
+    """Time to first token with the engine otherwise idle: ``plan.probe_requests`` short
+    streams one after another (the long cells have too few requests at concurrency 1)."""
+    cell = Cell(path, True, 1, 0.0, probe=True)
+    prompts = plan.probe_prompts()
+    await run_cell(cell, lambda i: call(prompts[i], plan.probe_tokens), len(prompts), progress)
+    return cell
 
 
 async def measure_bare(env: dict[str, str], plan: Plan, progress: Progress) -> list[Cell]:
     cells: list[Cell] = []
     async with bare_engine(env) as llm:
         await asyncio.gather(*(bare_request(llm, p, 16, True) for p in plan.warmup()))
+        cells.append(
+            await probe("bare", lambda ids, n: bare_request(llm, ids, n, True), plan, progress)
+        )
         for streamed in (True, False):
             for c in plan.concurrency:
                 cell = Cell("bare", streamed, c, 0.0)
@@ -311,6 +373,12 @@ async def measure_full(
     cells: list[Cell] = []
     try:
         await asyncio.gather(*(full_request(client, p, 16, True) for p in plan.warmup()))
+        if delay_ms == 0:
+            cells.append(
+                await probe(
+                    "full", lambda ids, n: full_request(client, ids, n, True), plan, progress
+                )
+            )
         for streamed in modes:
             for c in plan.concurrency:
                 cell = Cell("full", streamed, c, delay_ms)
@@ -332,17 +400,23 @@ async def measure_full(
     return cells
 
 
-def find(cells: list[Cell], path: str, streamed: bool, c: int, delay: float = 0.0) -> Cell:
+def find(
+    cells: list[Cell], path: str, streamed: bool, c: int, delay: float = 0.0, probe: bool = False
+) -> Cell:
     return next(
         x
         for x in cells
-        if (x.path, x.streamed, x.concurrency, x.post_delay_ms) == (path, streamed, c, delay)
+        if (x.path, x.streamed, x.concurrency, x.post_delay_ms, x.probe)
+        == (path, streamed, c, delay, probe)
     )
 
 
 def targets(cells: list[Cell], plan: Plan) -> list[dict[str, Any]]:
     """The issue's targets, each a ratio or difference within this run."""
-    rows: list[dict[str, Any]] = []
+    bare, full = find(cells, "bare", True, 1, probe=True), find(cells, "full", True, 1, probe=True)
+    overhead = (full.ttft_p50_ms or 0.0) - (bare.ttft_p50_ms or 0.0)
+    name = "TTFT p50 overhead ms (probe: idle engine, one at a time)"
+    rows = [target(name, overhead, 10.0, at_most=True)]
     for c in plan.concurrency:
         for streamed in (True, False):
             bare, full = find(cells, "bare", streamed, c), find(cells, "full", streamed, c)
@@ -350,9 +424,7 @@ def targets(cells: list[Cell], plan: Plan) -> list[dict[str, Any]]:
             rows.append(
                 target(f"output tok/s, full / bare, {mode}, c={c}", full.tok_s / bare.tok_s, 0.95)
             )
-        bare, full = find(cells, "bare", True, c), find(cells, "full", True, c)
-        overhead = (full.ttft_p50_ms or 0.0) - (bare.ttft_p50_ms or 0.0)
-        rows.append(target(f"TTFT p50 overhead ms, c={c}", overhead, 10.0, at_most=True))
+        bare = find(cells, "bare", True, c)
         delayed = find(cells, "full", True, c, 100.0)
         rows.append(
             target(f"output tok/s, POST +100 ms / bare, c={c}", delayed.tok_s / bare.tok_s, 0.9)
@@ -401,6 +473,22 @@ def table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(cells: list[Cell]) -> str:
+    """Where the CPU went: seconds per 1,000 output tokens, by process."""
+    roles = list(dict.fromkeys(r for x in cells for r in x.cpu_s_per_1k_tokens))
+    lines = [
+        "| path | concurrency | " + " | ".join(roles) + " | all |",
+        "|---|---|" + "---|" * (len(roles) + 1),
+    ]
+    for x in cells:
+        spent = x.cpu_s_per_1k_tokens
+        cols = [f"{spent[r]:.1f}" if r in spent else "—" for r in roles]
+        lines.append(
+            f"| {x.label} | {x.concurrency} | {' | '.join(cols)} | {sum(spent.values()):.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def target_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| target | this run | bound | met |", "|---|---|---|---|"]
     for row in rows:
@@ -413,13 +501,10 @@ def target_table(rows: list[dict[str, Any]]) -> str:
 
 def compare(cells: list[Cell], baseline: dict[str, Any]) -> str:
     """Output tok/s and TTFT p50 of this run over the baseline's, cell by cell."""
-    old = {
-        (c["path"], c["streamed"], c["concurrency"], c["post_delay_ms"]): c
-        for c in baseline["cells"]
-    }
+    old = {c["label"] + str(c["concurrency"]): c for c in baseline["cells"]}
     lines = ["| path | concurrency | tok/s now / then | TTFT p50 now / then |", "|---|---|---|---|"]
     for x in cells:
-        then = old.get((x.path, x.streamed, x.concurrency, x.post_delay_ms))
+        then = old.get(x.label + str(x.concurrency))
         if then is None:
             continue
         ttft = (
@@ -437,6 +522,7 @@ def chart(cells: list[Cell], plan: Plan, where: dict[str, Any], out: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cells = [x for x in cells if not x.probe]  # the probe is in the table
     labels = list(dict.fromkeys(x.label for x in cells))
     panels = [
         ("output tokens/s (higher is better)", lambda x: x.tok_s),
@@ -494,7 +580,7 @@ def main() -> None:
         options.prompt_tokens,
         vocab,
     )
-    progress = Progress(len(plan.concurrency) * 5)
+    progress = Progress(len(plan.concurrency) * 5 + 2)
     started = time.perf_counter()
     cells = asyncio.run(measure_bare(env, plan, progress))
     for delay, modes in ((0.0, (True, False)), (100.0, (True,))):
@@ -521,6 +607,7 @@ def main() -> None:
     print(f"\n{MODEL_ID}; {where['cpu']}, {where['cores']} cores; took {result['took_s']} s")
     print(f"{plan.requests(1)}..{plan.requests(max(plan.concurrency))} requests per cell\n")
     print(table(cells) + "\n\n" + target_table(rows))
+    print("\nCPU seconds per 1,000 output tokens, by process\n\n" + cpu_table(cells))
     if options.baseline:
         print("\nagainst " + str(options.baseline) + "\n")
         print(compare(cells, json.loads(options.baseline.read_text())))

@@ -426,9 +426,20 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
-    """Stop whatever vLLM's own shutdown left behind (e.g. the workers of a killed EngineCore)."""
-    left = [p for p in processes if _alive(p)]
+    """Stop whatever vLLM's own shutdown left behind (e.g. the workers of a killed EngineCore).
+
+    Python's resource tracker is left alone: it ignores SIGTERM, and exits by itself when this
+    process does, after removing the shared memory the engine's processes left in /dev/shm
+    (killing it leaks those segments)."""
+    left = [p for p in processes if _alive(p) and not _is_resource_tracker(p)]
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.terminate()

@@ -69,6 +69,17 @@ class EngineDead(WorkerError):
         super().__init__(message)
 
 
+class ShuttingDown(WorkerError):
+    status = 503
+    type = "ServiceUnavailableError"
+
+    def __init__(self, grace_s: float) -> None:
+        super().__init__(
+            f"The worker was stopped and the job did not finish within {grace_s:g} s; "
+            "send it again."
+        )
+
+
 def from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
     """A pydantic error as one readable InvalidRequest, naming the first offending field."""
     parts = []

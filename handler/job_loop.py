@@ -1,12 +1,20 @@
-"""runpod's production job loop, with a job started the moment it is taken.
+"""runpod's production job loop, with a taken job started at once and a bounded SIGTERM drain.
 
-runpod 1.10's ``JobScaler.run_jobs`` looks at its queue of taken jobs every 100 ms (an
-``asyncio.sleep(0.1)`` when idle, ``asyncio.wait(..., timeout=0.1)`` while jobs run), so every
-job waited 50 ms on average, up to 100 ms, between its job-take answer and the handler: most of
-the worker's time-to-first-token overhead (``make bench``). :class:`PromptJobScaler` keeps
-everything else of runpod's loop (job-take, the stop-signal poll, per-job stop, SIGTERM drain,
-concurrency) and replaces only that loop with one that waits on the queue, the running jobs and
-the shutdown together. :func:`start` installs it and runs ``runpod.serverless.start``.
+runpod 1.10's ``JobScaler`` is kept for everything it does well (job-take, the stop-signal poll,
+per-job stop, concurrency, its SIGTERM handler). :class:`PromptJobScaler` changes two things:
+
+* **Start**: ``run_jobs`` looked at its queue of taken jobs every 100 ms (``asyncio.sleep(0.1)``
+  when idle, ``asyncio.wait(..., timeout=0.1)`` while jobs run), so every job waited 50 ms on
+  average between its job-take answer and the handler: most of the worker's time-to-first-token
+  overhead in ``make bench``. Here the loop waits on the queue, the running jobs and the shutdown
+  together, and starts a job the moment it is queued.
+* **SIGTERM**: runpod stopped the job-take loop only after its held long-poll returned (so a job
+  could still be taken after SIGTERM), then waited for in-flight jobs without limit. Here the
+  held job-take is cancelled at once, in-flight jobs get ``shutdown_grace_s`` to finish, and any
+  still running are cancelled (which aborts their engine requests) and reported as failed with a
+  503 error, so their callers learn at once instead of waiting on a job nobody runs.
+
+:func:`start` installs it and runs ``runpod.serverless.start``.
 """
 
 from __future__ import annotations
@@ -17,17 +25,39 @@ import logging
 from typing import Any
 
 import runpod
-from aiohttp import ClientSession
+from runpod.http_client import AsyncClientSession, ClientSession
 from runpod.serverless.modules import rp_scale
+from runpod.serverless.modules.rp_http import send_result
+
+from handler.errors import ShuttingDown, job_error
 
 log = logging.getLogger("handler.job_loop")
 
 # Re-checks the queue this often even with nothing to wake the loop (runpod's set_scale swaps
 # the queue object when the concurrency changes).
 _RECHECK_S = 1.0
+GRACE_KEY = "shutdown_grace_s"
 
 
 class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.shutdown_grace_s = float(config.get(GRACE_KEY, 30.0))
+        self._jobs: dict[str, dict[str, Any]] = {}
+
+    async def run(self) -> None:
+        async with AsyncClientSession() as session:
+            taking = asyncio.create_task(self.get_jobs(session))
+            running = asyncio.create_task(self.run_jobs(session))
+            stops = asyncio.create_task(self.monitor_stop_signals(session))
+            await self._shutdown_event.wait()
+            taking.cancel()  # its held long-poll would still take a job
+            if not (await asyncio.wait([running], timeout=self.shutdown_grace_s))[0]:
+                await self._fail_running(session)
+            await running
+            stops.cancel()
+            await asyncio.gather(taking, stops, return_exceptions=True)
+
     async def run_jobs(self, session: ClientSession) -> None:
         tasks: set[asyncio.Task[Any]] = set()
         stopping = asyncio.ensure_future(self._shutdown_event.wait())
@@ -52,8 +82,7 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
                         self._begin(session, job, tasks)
         finally:
             stopping.cancel()
-        # as runpod: the SIGTERM drain lets running jobs finish; a stopped job's CancelledError
-        # is expected, any other failure is logged
+        # as runpod: a stopped job's CancelledError is expected, any other failure is logged
         for result in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(result, Exception):
                 log.error("job failed during the shutdown drain: %r", result)
@@ -62,6 +91,19 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         task = asyncio.create_task(self.handle_job(session, job))
         tasks.add(task)
         self.jobs_tasks[job["id"]] = task
+        self._jobs[job["id"]] = job
+        task.add_done_callback(lambda _: self._jobs.pop(job["id"], None))
+
+    async def _fail_running(self, session: ClientSession) -> None:
+        """Cancel the jobs still running after the grace period and report each as failed."""
+        left = [(self._jobs[i], task) for i, task in self.jobs_tasks.items() if i in self._jobs]
+        grace = self.shutdown_grace_s
+        log.warning("%d job(s) still running %.0f s after SIGTERM: failing them", len(left), grace)
+        for _, task in left:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in left), return_exceptions=True)
+        error = job_error(ShuttingDown(self.shutdown_grace_s))
+        await asyncio.gather(*(send_result(session, error, job) for job, _ in left))
 
 
 async def _settle(getter: asyncio.Future[Any]) -> Any:
@@ -74,7 +116,7 @@ async def _settle(getter: asyncio.Future[Any]) -> Any:
     return None
 
 
-def start(config: dict[str, Any]) -> None:
+def start(config: dict[str, Any], shutdown_grace_s: float) -> None:
     """``runpod.serverless.start`` with :class:`PromptJobScaler` as its job loop."""
     rp_scale.JobScaler = PromptJobScaler
-    runpod.serverless.start(config)
+    runpod.serverless.start({**config, GRACE_KEY: shutdown_grace_s})

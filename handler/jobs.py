@@ -40,7 +40,7 @@ from handler.protocol import (
     to_engine_call,
 )
 from handler.settings import Settings
-from handler.streaming import cached_tokens, chunk_dicts, coalesce, sse_text, usage_in
+from handler.streaming import Pacer, cached_tokens, chunk_dicts, coalesce, sse_text, usage_in
 
 log = logging.getLogger("handler.jobs")
 
@@ -52,15 +52,21 @@ def make_handler(
 ) -> Handler:
     """The async-generator function runpod calls once per job."""
 
+    pacer = Pacer(settings.flush_interval_s, settings.stream_posts_per_s)
+
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
-        async for output in run_job(job, engine, settings, on_engine_dead):
+        async for output in run_job(job, engine, settings, on_engine_dead, pacer):
             yield output
 
     return handler
 
 
 async def run_job(
-    job: dict[str, Any], engine: Engine, settings: Settings, on_engine_dead: Callable[[], None]
+    job: dict[str, Any],
+    engine: Engine,
+    settings: Settings,
+    on_engine_dead: Callable[[], None],
+    pacer: Pacer,
 ) -> AsyncIterator[Any]:
     job_id = str(job.get("id") or "job")
     try:
@@ -76,10 +82,11 @@ async def run_job(
             yield _one_shot(reply, call, engine, settings, job_id)
             return
         usage = None
-        async for batch in coalesce(reply, settings.flush_interval_s):
-            usage = usage_in(batch) or usage
-            for output in _frame(batch, shape):
-                yield output
+        with pacer.streaming():
+            async for batch in coalesce(reply, pacer.interval):
+                usage = usage_in(batch) or usage
+                for output in _frame(batch, shape):
+                    yield output
         _log_usage(job_id, usage)
     except asyncio.CancelledError:
         log.info("job %s cancelled; its engine request was aborted", job_id)

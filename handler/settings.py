@@ -113,6 +113,21 @@ class Settings(BaseModel):
         description="Streamed chunks are merged into one yield (one POST to RunPod) for at most "
         "this long; the first token is never held. 0 sends every chunk alone.",
     )
+    stream_posts_per_s: float = Field(
+        100.0,
+        alias="STREAM_POSTS_PER_S",
+        ge=0,
+        description="Most stream POSTs per second the worker makes over all its streams: with "
+        "many streams at once each one's chunks are merged for longer (streams / this, when "
+        "longer than STREAM_FLUSH_INTERVAL_MS). 0: no limit.",
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        alias="SHUTDOWN_GRACE_S",
+        gt=0,
+        description="On SIGTERM, seconds in-flight jobs get to finish; then they end with a 503 "
+        "error and the worker exits. Keep it below the platform's kill timeout.",
+    )
     engine_dead_grace_s: float = Field(
         30.0,
         alias="ENGINE_DEAD_GRACE_S",

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from handler.errors import EngineError
@@ -71,28 +71,54 @@ async def _fill_until(
             return
 
 
+class Pacer:
+    """How long each stream merges its events: the flush interval, or longer when the worker's
+    streams together would POST more than ``posts_per_s`` times a second (each POST costs the
+    worker CPU time, which on a CPU-bound machine is the engine's)."""
+
+    def __init__(self, interval_s: float, posts_per_s: float) -> None:
+        self._base, self._rate = interval_s, posts_per_s
+        self.active = 0
+
+    def interval(self) -> float:
+        if self._base <= 0 or self._rate <= 0:
+            return self._base
+        return max(self._base, self.active / self._rate)
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
 async def coalesce(
     events: AsyncIterator[str],
-    interval: float,
+    interval: float | Callable[[], float],
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[list[str]]:
     """Batches of consecutive events; each batch is one yield, hence one POST to RunPod.
 
     Until an event with generated output has gone out, every batch goes at once (with whatever
-    is already waiting): nothing holds the first token. ``interval`` <= 0 gives every event its
-    own batch. Closing or cancelling the reader cancels the
+    is already waiting): nothing holds the first token. ``interval`` (seconds, or a function
+    read before each batch, such as :meth:`Pacer.interval`) <= 0 gives every event its own
+    batch. Closing or cancelling the reader cancels the
     task that reads ``events`` (which aborts the engine request behind it).
     """
+    current = interval if callable(interval) else (lambda: interval)
     queue: asyncio.Queue[object] = asyncio.Queue()
     reader = asyncio.create_task(pump(events, queue.put_nowait))
     try:
         output_sent, last_flush = False, clock()
         while True:
             batch: list[object] = [await queue.get()]
-            if interval > 0 and output_sent:
-                await _fill_until(queue, batch, last_flush + interval, clock)
-            elif interval > 0:
+            wait = current()
+            if wait > 0 and output_sent:
+                await _fill_until(queue, batch, last_flush + wait, clock)
+            elif wait > 0:
                 _take_ready(queue, batch)
             events_out = [item for item in batch if isinstance(item, str)]
             if events_out:

@@ -170,6 +170,7 @@ def main() -> None:
     with cold.phase("LMCache server spawn"):
         cache = start_cache(settings)
     engine: Engine | None = None
+    died = False
     try:
         with cold.phase("engine"):
             engine, cache = start_engine(settings, cache, watch.trigger)
@@ -178,15 +179,17 @@ def main() -> None:
         log.info(cold.summary())
         if settings.on_runpod or "--rp_serve_api" in sys.argv:
             handler = make_handler(engine, settings, watch.trigger)
-            job_loop.start(runpod_config(settings, handler))
+            job_loop.start(runpod_config(settings, handler), settings.shutdown_grace_s)
         else:  # runpod's local mode would only print the generator object: run the job here
             from handler.run_local import read_job, run_and_report
 
             code = run_and_report(engine, settings, read_job(sys.argv[1:]))
             raise SystemExit(code)
     finally:
+        # read before the shutdown, after which the engine reports itself dead too
+        died = watch.triggered or (engine is not None and engine.dead)
         stop_all(engine, cache)
-    if watch.triggered or engine.dead:
+    if died:
         raise SystemExit(1)
 
 

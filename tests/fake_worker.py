@@ -25,7 +25,9 @@ def main() -> None:
     configure_logging(settings)
     engine = FakeEngine(pause=float(os.environ.get("FAKE_ENGINE_PAUSE", "0")))
     serve_metrics(settings, engine)
-    job_loop.start(runpod_config(settings, make_handler(engine, settings)))
+    job_loop.start(
+        runpod_config(settings, make_handler(engine, settings)), settings.shutdown_grace_s
+    )
 
 
 if __name__ == "__main__":

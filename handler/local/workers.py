@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from handler.errors import WorkerError, job_error
 from handler.lmcache import free_port
 from handler.local.jobstore import JobStore
@@ -39,6 +41,7 @@ log = logging.getLogger("handler.local")
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 RESTART_DELAY_S = 1.0
+GROUP_SETTLE_S = 3.0  # after a worker exits, how long what it started gets to exit too
 
 
 def webhook_env(base_url: str, endpoint_id: str, worker_id: str) -> dict[str, str]:
@@ -68,6 +71,8 @@ class Worker:
     ready: bool = False
     last_seen: float = 0.0
     starts: int = 0
+    # how the last start that ended did: its number, exit status, processes of its group left
+    last_exit: dict[str, int] | None = None
 
     @property
     def alive(self) -> bool:
@@ -154,6 +159,7 @@ class WorkerPool:
                 "alive": w.alive,
                 "ready": w.ready,
                 "starts": w.starts,
+                "last_exit": w.last_exit,
                 "jobs_in_progress": self._store.running_on(w.id),
                 "metrics_url": f"http://127.0.0.1:{w.metrics_port}/metrics",
             }
@@ -210,12 +216,17 @@ class WorkerPool:
 
     async def _watch(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
-        _kill_group(process.pid)  # anything the worker left behind
+        was_ready, worker.ready = worker.ready, False
+        if not self._stopping:
+            lost = self._store.fail_worker_jobs(worker.id, worker_lost_error(code))
+            log.error("worker %s exited with status %d; %d job(s) failed", worker.id, code, lost)
+        left = await _reap_group(process.pid)  # anything the worker left behind
+        worker.last_exit = {"start": worker.starts, "code": code, "left_behind": left}
+        if left:
+            log.warning("worker %s left %d process(es) running; killed them", worker.id, left)
         if self._stopping:
             return
-        lost = self._store.fail_worker_jobs(worker.id, worker_lost_error(code))
-        log.error("worker %s exited with status %d; %d job(s) failed", worker.id, code, lost)
-        if not worker.ready:
+        if not was_ready:
             if not self.fatal.done():
                 self.fatal.set_result(f"worker {worker.id} exited with status {code} at start")
             return
@@ -233,6 +244,28 @@ def worker_lost_error(code: int) -> str:
             type="ServiceUnavailableError",
         )
     )["error"]
+
+
+def _group(pgid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+async def _reap_group(pgid: int, settle_s: float = GROUP_SETTLE_S) -> int:
+    """SIGKILL what is left of an exited worker's process group after ``settle_s`` (Python's
+    resource tracker exits by itself once the worker has, after cleaning up /dev/shm); how
+    many processes were still running then."""
+    for _ in range(round(settle_s / 0.1)):
+        if not _group(pgid):
+            break
+        await asyncio.sleep(0.1)
+    left = len(_group(pgid))
+    _kill_group(pgid)
+    return left
 
 
 def _kill_group(pgid: int) -> None:

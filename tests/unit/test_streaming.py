@@ -1,13 +1,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 
 from handler.errors import EngineError
 from handler.protocol import EngineCall
-from handler.streaming import carries_output, chunk_dicts, coalesce, parse_events, sse_text
+from handler.streaming import (
+    Pacer,
+    carries_output,
+    chunk_dicts,
+    coalesce,
+    parse_events,
+    sse_text,
+)
 from tests.fakes import TEXT, chat_events, completion_events, sse
 
 
@@ -235,3 +243,41 @@ def test_an_error_event_raises() -> None:
         "BadRequestError",
         "n",
     )
+
+
+def test_pacer_lengthens_the_interval_when_many_streams_share_the_post_budget() -> None:
+    pacer = Pacer(0.05, posts_per_s=100)
+    seen = []
+    with pacer.streaming():
+        seen.append(pacer.interval())  # one stream: the flush interval
+        with contextlib.ExitStack() as more:
+            for _ in range(15):
+                more.enter_context(pacer.streaming())
+            seen.append((pacer.active, pacer.interval()))  # 16 streams share 100 POSTs/s
+    assert seen == [0.05, (16, 0.16)]
+    assert pacer.active == 0
+    assert Pacer(0, posts_per_s=100).interval() == 0  # coalescing off stays off
+    unlimited = Pacer(0.05, posts_per_s=0)
+    with unlimited.streaming(), unlimited.streaming():
+        assert unlimited.interval() == 0.05
+
+
+async def test_coalesce_reads_a_callable_interval_before_each_batch() -> None:
+    gate: asyncio.Queue[str | None] = asyncio.Queue()
+    intervals = iter([0.0, 60.0, 60.0, 0.0, 0.0])
+    batches: list[list[str]] = []
+
+    async def consume() -> None:
+        async for batch in coalesce(gated(gate, []), lambda: next(intervals)):
+            batches.append(batch)
+
+    task = asyncio.create_task(consume())
+    await gate.put(tok("The"))
+    await settle()
+    for event in [tok(" capital"), tok(" is")]:  # merged under the 60 s interval...
+        await gate.put(event)
+        await settle()
+    assert batches == [[tok("The")]]
+    await gate.put(None)  # ...until the stream ends
+    await task
+    assert batches == [[tok("The")], [tok(" capital"), tok(" is")]]
