@@ -35,7 +35,7 @@ integration:
 	scripts/in-env python -m pytest tests/integration
 
 soak:
-	SOAK_S=$${SOAK_S:-1800} scripts/in-env python -m pytest tests/integration/test_soak.py
+	SOAK_S=$${SOAK_S:-1800} scripts/in-env python -m pytest -s tests/integration/test_soak.py
 
 lint:
 	scripts/in-env ruff check handler tests builder bench

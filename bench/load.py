@@ -10,11 +10,15 @@ The same requests (distinct random prompts of ``--prompt-tokens`` token ids, gre
   vLLM's OpenAI layer -> the engine; once as is, once with 100 ms added to every stream POST
   (``--stream-post-delay-ms``, RunPod's round trip).
 
-at each concurrency (``--concurrency``), streamed and one-shot. Engines run one at a time, so
-neither path competes with the other for the CPU. Per cell: time to first token (p50, p99;
-streamed), inter-token latency (a stream's first to last token over its tokens, p50, p99),
-request latency, output tokens/s over the cell, and stream POSTs per job (from the endpoint's
-metrics). Then the issue's targets as ratios of this run.
+at each concurrency (``--concurrency``), streamed and one-shot. All three engines are up for the
+whole run (an idle vLLM engine takes no CPU), and each cell's requests go in rounds of
+``concurrency`` at once, each round through every path in turn, so the machine's drift in speed
+(large on a shared 2-core host) touches all paths alike. First a TTFT probe: 20 short streams
+one at a time through the bare engine and the full path in turn. Per cell: time to first token
+(p50, p99; streamed), inter-token latency (a stream's first to last token over its tokens, p50,
+p99), request latency, output tokens/s over the cell, and stream POSTs per job (from the
+endpoint's metrics), and the CPU time each process spent per 1,000 output tokens. Then the
+targets, as ratios within this run.
 
 Writes ``OUT/load.json`` (``--baseline`` compares a new run with an older file) and
 ``OUT/load.png``, and prints a Markdown table.
@@ -49,6 +53,9 @@ from tests.integration.conftest import MODEL_ID, local_env  # noqa: E402
 from tests.local_endpoint import LocalEndpoint, local_endpoint  # noqa: E402
 
 STREAM_POSTS = "runpod_local_job_stream_posts"
+# vLLM's engine processes busy-wait for 1 s after their last message (shm_broadcast's
+# SpinCondition): the engine used before a round must be quiet before the round starts
+SETTLE_S = 1.2
 
 
 @dataclass
@@ -121,19 +128,19 @@ class Progress:
         self.total, self.done = total_cells, 0
         self.tty = sys.stderr.isatty()
 
-    def update(self, cell: Cell, finished: int, planned: int) -> None:
-        line = f"[{self.done + 1}/{self.total}] {cell.label}, concurrency {cell.concurrency}: "
-        line += f"{finished}/{planned} requests"
+    def update(self, what: str, finished: int, planned: int, cells: int) -> None:
+        line = f"[cells {self.done + cells}/{self.total}] {what}: {finished}/{planned} requests"
         if self.tty:
-            print("\r" + line, end="\n" if finished == planned else "", file=sys.stderr, flush=True)
-        elif finished == planned or finished % max(1, planned // 4) == 0:
+            print("\r" + line, end="\n" if finished >= planned else "", file=sys.stderr, flush=True)
+        else:
             print(line, file=sys.stderr, flush=True)
-        if finished == planned:
-            self.done += 1
+        if finished >= planned:
+            self.done += cells
 
 
 ROLES = (
-    ("EngineCore", "engine core"),
+    ("EngineCore", "engine core (scheduler)"),
+    ("VLLM::Worker", "engine worker (model)"),
     ("lmcache", "LMCache server"),
     ("handler.local", "local endpoint"),
     ("-m handler", "worker: runpod loop, handler, vLLM frontend"),
@@ -162,25 +169,59 @@ def cpu_spent(before: dict[int, tuple[str, float]]) -> dict[str, float]:
     return spent
 
 
-async def run_cell(
-    cell: Cell, call: Callable[[int], Awaitable[Sample]], planned: int, progress: Progress
-) -> None:
-    """``planned`` requests, ``cell.concurrency`` at a time, request i on prompt i."""
-    pending = iter(range(planned))
+Call = Callable[[list[int], int], Awaitable[Sample]]  # (prompt ids, max tokens) -> a sample
 
-    async def lane() -> None:
-        for i in pending:
-            cell.samples.append(await call(i))
-            progress.update(cell, len(cell.samples), planned)
 
-    cpu = cpu_by_process()
+@dataclass
+class Way:
+    """One way to send a request, with what measures it: a cell's samples, wall time and CPU
+    add up over its rounds."""
+
+    cell: Cell
+    call: Call
+    posts: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)  # (POSTs, jobs) so far
+    cpu: dict[str, float] = field(default_factory=dict)
+    post_count: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+
+async def one_round(path: Way, prompts: list[list[int]], max_tokens: int) -> None:
+    """``len(prompts)`` requests at once; the cell's wall time grows by the round's."""
+    await asyncio.sleep(SETTLE_S)
+    cpu, (posts, jobs) = cpu_by_process(), path.posts()
     started = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(cell.concurrency)))
-    cell.summarise(time.perf_counter() - started)
+    samples = await asyncio.gather(*(path.call(p, max_tokens) for p in prompts))
+    path.cell.wall_s += time.perf_counter() - started
+    path.cell.samples += samples
+    for role, seconds in cpu_spent(cpu).items():
+        path.cpu[role] = path.cpu.get(role, 0.0) + seconds
+    now_posts, now_jobs = path.posts()
+    path.post_count[0] += now_posts - posts
+    path.post_count[1] += now_jobs - jobs
+
+
+def finish(path: Way) -> Cell:
+    cell = path.cell
+    cell.summarise(cell.wall_s)
     per_1k = 1000 / max(cell.output_tokens, 1)
-    cell.cpu_s_per_1k_tokens = {
-        role: round(seconds * per_1k, 2) for role, seconds in sorted(cpu_spent(cpu).items())
-    }
+    cell.cpu_s_per_1k_tokens = {r: round(s * per_1k, 2) for r, s in sorted(path.cpu.items())}
+    if cell.path == "full":
+        cell.posts_per_job = path.post_count[0] / max(path.post_count[1], 1)
+    return cell
+
+
+async def interleaved(
+    ways: list[Way], prompts: list[list[int]], per_round: int, max_tokens: int, progress: Progress
+) -> list[Cell]:
+    """The prompts in rounds of ``per_round`` at once; each round goes through every way in
+    turn, so drift in the machine's speed touches all of them alike."""
+    first = ways[0].cell
+    mode = "TTFT probe" if first.probe else ("streamed" if first.streamed else "one-shot")
+    what = f"{mode}, concurrency {first.concurrency}, {len(ways)} paths in turn"
+    for start in range(0, len(prompts), per_round):
+        for way in ways:
+            await one_round(way, prompts[start : start + per_round], max_tokens)
+        progress.update(what, start + per_round, len(prompts), len(ways))
+    return [finish(way) for way in ways]
 
 
 class Clock:
@@ -326,78 +367,53 @@ class Plan:
         return [[rng.randrange(1000, self.vocab - 1000) for _ in range(32)] for _ in range(4)]
 
 
-async def probe(
-    path: str, call: Callable[[list[int], int], Awaitable[Sample]], plan: Plan, progress: Progress
-) -> Cell:
-    """Time to first token with the engine otherwise idle: ``plan.probe_requests`` short
-    streams one after another (the long cells have too few requests at concurrency 1)."""
-    cell = Cell(path, True, 1, 0.0, probe=True)
-    prompts = plan.probe_prompts()
-    await run_cell(cell, lambda i: call(prompts[i], plan.probe_tokens), len(prompts), progress)
-    return cell
-
-
-async def measure_bare(env: dict[str, str], plan: Plan, progress: Progress) -> list[Cell]:
-    cells: list[Cell] = []
-    async with bare_engine(env) as llm:
-        await asyncio.gather(*(bare_request(llm, p, 16, True) for p in plan.warmup()))
-        cells.append(
-            await probe("bare", lambda ids, n: bare_request(llm, ids, n, True), plan, progress)
-        )
-        for streamed in (True, False):
-            for c in plan.concurrency:
-                cell = Cell("bare", streamed, c, 0.0)
-                prompts = plan.prompts(streamed, c)
-                await run_cell(
-                    cell,
-                    lambda i, p=prompts, s=streamed: bare_request(llm, p[i], plan.max_tokens, s),
-                    len(prompts),
-                    progress,
-                )
-                cells.append(cell)
-    return cells
-
-
-async def measure_full(
-    endpoint: LocalEndpoint,
-    plan: Plan,
-    delay_ms: float,
-    modes: tuple[bool, ...],
-    progress: Progress,
-) -> list[Cell]:
+async def measure(env: dict[str, str], plan: Plan, progress: Progress) -> list[Cell]:
+    """Every engine up at once (an idle one takes no CPU), then every cell, paths interleaved."""
     import openai
 
-    client = openai.AsyncOpenAI(
-        base_url=endpoint.openai_base, api_key=endpoint.key, max_retries=0, timeout=900
-    )
-    cells: list[Cell] = []
-    try:
-        await asyncio.gather(*(full_request(client, p, 16, True) for p in plan.warmup()))
-        if delay_ms == 0:
-            cells.append(
-                await probe(
-                    "full", lambda ids, n: full_request(client, ids, n, True), plan, progress
-                )
+    async with bare_engine(env) as llm, contextlib.AsyncExitStack() as stack:
+        endpoints = {d: stack.enter_context(full_path(env, d)) for d in (0.0, 100.0)}
+        clients = {
+            d: openai.AsyncOpenAI(base_url=e.openai_base, api_key=e.key, max_retries=0, timeout=900)
+            for d, e in endpoints.items()
+        }
+        for client in clients.values():
+            stack.push_async_callback(client.close)
+
+        def bare(streamed: bool) -> Call:
+            return lambda ids, n: bare_request(llm, ids, n, streamed)
+
+        def full(delay: float, streamed: bool) -> Call:
+            return lambda ids, n: full_request(clients[delay], ids, n, streamed)
+
+        def posts(delay: float) -> Callable[[], tuple[float, float]]:
+            e = endpoints[delay]
+            return lambda: (
+                endpoint_metric(e, STREAM_POSTS + "_sum"),
+                endpoint_metric(e, STREAM_POSTS + "_count"),
             )
-        for streamed in modes:
+
+        for call in (bare(True), full(0.0, True), full(100.0, True)):
+            await asyncio.gather(*(call(p, 16) for p in plan.warmup()))
+        # the TTFT probe: short streams one at a time, the engine otherwise idle (the long
+        # cells have too few requests at concurrency 1 for a stable median)
+        probes = [
+            Way(Cell("bare", True, 1, 0.0, probe=True), bare(True)),
+            Way(Cell("full", True, 1, 0.0, probe=True), full(0.0, True), posts(0.0)),
+        ]
+        cells = await interleaved(probes, plan.probe_prompts(), 1, plan.probe_tokens, progress)
+        for streamed in (True, False):
             for c in plan.concurrency:
-                cell = Cell("full", streamed, c, delay_ms)
+                paths = [
+                    Way(Cell("bare", streamed, c, 0.0), bare(streamed)),
+                    Way(Cell("full", streamed, c, 0.0), full(0.0, streamed), posts(0.0)),
+                ]
+                if streamed:
+                    delayed = Cell("full", streamed, c, 100.0)
+                    paths.append(Way(delayed, full(100.0, streamed), posts(100.0)))
                 prompts = plan.prompts(streamed, c)
-                posts = endpoint_metric(endpoint, STREAM_POSTS + "_sum")
-                jobs = endpoint_metric(endpoint, STREAM_POSTS + "_count")
-                await run_cell(
-                    cell,
-                    lambda i, p=prompts, s=streamed: full_request(client, p[i], plan.max_tokens, s),
-                    len(prompts),
-                    progress,
-                )
-                jobs = endpoint_metric(endpoint, STREAM_POSTS + "_count") - jobs
-                posts = endpoint_metric(endpoint, STREAM_POSTS + "_sum") - posts
-                cell.posts_per_job = posts / jobs if jobs else None
-                cells.append(cell)
-    finally:
-        await client.close()
-    return cells
+                cells += await interleaved(paths, prompts, c, plan.max_tokens, progress)
+    return sorted(cells, key=lambda x: (x.path, x.post_delay_ms, not x.probe, not x.streamed))
 
 
 def find(
@@ -582,10 +598,7 @@ def main() -> None:
     )
     progress = Progress(len(plan.concurrency) * 5 + 2)
     started = time.perf_counter()
-    cells = asyncio.run(measure_bare(env, plan, progress))
-    for delay, modes in ((0.0, (True, False)), (100.0, (True,))):
-        with full_path(env, delay) as endpoint:
-            cells += asyncio.run(measure_full(endpoint, plan, delay, modes, progress))
+    cells = asyncio.run(measure(env, plan, progress))
 
     where = machine()
     rows = targets(cells, plan)

@@ -93,6 +93,7 @@ def wait_idle(engine: Engine, timeout: float = 10) -> None:
     assert engine.running_requests() == 0, "an engine request outlived its job"
 
 
+@pytest.mark.timeout(max(300, EXAMPLES * 5))
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -177,6 +177,7 @@ async def traffic(endpoint: LocalEndpoint, until: float) -> tuple[Counter[str], 
     return done, failures
 
 
+@pytest.mark.timeout(DURATION_S + 600)
 def test_soak_mixed_traffic(openai_endpoint: LocalEndpoint) -> None:
     endpoint = openai_endpoint
     [worker] = endpoint.workers()
@@ -190,6 +191,11 @@ def test_soak_mixed_traffic(openai_endpoint: LocalEndpoint) -> None:
     assert after, "no memory sample after warm-up"
     growth = max(after) / after[0]
     mib = [round(rss / 2**20) for _, rss in memory.samples]
+    print(  # shown by `make soak`
+        f"\nsoak: {DURATION_S:.0f} s, {CLIENTS} clients, requests {dict(done)}; worker memory "
+        f"after warm-up {mib[len(mib) - len(after)]} MiB, at most {max(after) // 2**20} MiB "
+        f"({growth:.3f}x), at the end {mib[-1]} MiB"
+    )
     assert growth <= 1.10, f"resident memory grew {growth:.2f}x after warm-up (MiB: {mib})"
 
     endpoint.wait_for(
