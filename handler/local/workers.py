@@ -180,9 +180,17 @@ class WorkerPool:
         except TimeoutError:
             log.warning("workers did not stop within %.0f s; killing them", grace_s)
         for process in processes:
-            _kill_group(process.pid)
-            await process.wait()
-        for task in self._watchers:
+            if process.returncode is None:  # past the grace period: it and what it started
+                _kill_group(process.pid)
+                await process.wait()
+        # each worker's watcher reaps what the worker left, after the seconds the resource
+        # tracker needs to clean up /dev/shm
+        watchers = list(self._watchers)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*watchers, return_exceptions=True), GROUP_SETTLE_S + 2
+            )
+        for task in watchers:
             task.cancel()
         shutil.rmtree(self._home, ignore_errors=True)
 
