@@ -50,13 +50,16 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
             taking = asyncio.create_task(self.get_jobs(session))
             running = asyncio.create_task(self.run_jobs(session))
             stops = asyncio.create_task(self.monitor_stop_signals(session))
-            await self._shutdown_event.wait()
+            stopping = asyncio.ensure_future(self._shutdown_event.wait())
+            # a loop that fails stops the worker, as runpod's gather would
+            await asyncio.wait([stopping, taking, running], return_when=asyncio.FIRST_COMPLETED)
+            self.kill_worker()
             taking.cancel()  # its held long-poll would still take a job
             if not (await asyncio.wait([running], timeout=self.shutdown_grace_s))[0]:
                 await self._fail_running(session)
-            await running
             stops.cancel()
             await asyncio.gather(taking, stops, return_exceptions=True)
+            await running  # raises what made run_jobs fail, if anything did
 
     async def run_jobs(self, session: ClientSession) -> None:
         tasks: set[asyncio.Task[Any]] = set()

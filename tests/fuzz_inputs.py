@@ -5,9 +5,12 @@ every answer must pass: the fake engine's (tests/unit/test_fuzz.py) and the real
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
 from typing import Any
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from handler.protocol import ROUTES
@@ -17,6 +20,19 @@ LEAKS = re.compile(
     r"<(?:class|function|module|object|coroutine|async_generator) "
 )
 CHAT = [{"role": "user", "content": "Capital of France?"}]
+
+
+def fuzz_settings(examples: int) -> Callable[[Any], Any]:
+    """``examples`` cases, the same on every run (a failure reproduces, CI is not flaky) unless
+    ``FUZZ_RANDOM=1`` asks for new ones."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+        derandomize=os.environ.get("FUZZ_RANDOM") != "1",
+    )
+
 
 text = st.one_of(
     st.text(max_size=50),

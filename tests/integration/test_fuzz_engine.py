@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from handler.jobs import make_handler
 from handler.protocol import Engine
 from handler.settings import load_settings
-from tests.fuzz_inputs import check_outputs, job_inputs
+from tests.fuzz_inputs import check_outputs, fuzz_settings, job_inputs
 from tests.integration.conftest import LORA, MODEL_ID
 
 pytestmark = pytest.mark.integration
@@ -94,13 +94,7 @@ def wait_idle(engine: Engine, timeout: float = 10) -> None:
 
 
 @pytest.mark.timeout(max(300, EXAMPLES * 5))
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-    derandomize=os.environ.get("FUZZ_RANDOM") != "1",
-)
+@fuzz_settings(EXAMPLES)
 @given(job_input=job_inputs([MODEL_ID, LORA]))
 def test_any_job_input_on_the_real_engine(
     job_input: Any, fuzz_handler: Any, engine: Engine

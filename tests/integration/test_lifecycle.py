@@ -59,12 +59,19 @@ def ready_worker(endpoint: LocalEndpoint) -> dict[str, Any]:
     return worker
 
 
-def generating(endpoint: LocalEndpoint, job: runpod.endpoint.Job) -> None:
+def start_generating(
+    endpoint: LocalEndpoint, tokens: int
+) -> tuple[runpod.Endpoint, dict[str, Any], runpod.endpoint.Job]:
+    """runpod's client, the ready worker, and a streamed job of ``tokens`` it is generating."""
+    rp = endpoint.runpod()
+    worker = ready_worker(endpoint)
+    job = rp.run(story(tokens))
     endpoint.wait_for(
         lambda: endpoint.worker_metric("worker_engine_running_requests", default=0) == 1,
         f"job {job.job_id} to be generating",
         timeout=60,
     )
+    return rp, worker, job
 
 
 def exit_of(endpoint: LocalEndpoint, start: int, timeout: float) -> dict[str, int]:
@@ -95,10 +102,7 @@ def final_status(endpoint: LocalEndpoint, job_id: str, timeout: float) -> dict[s
 def test_sigterm_finishes_the_running_job_takes_no_other_and_leaves_nothing(
     endpoint: LocalEndpoint,
 ) -> None:
-    rp = endpoint.runpod()
-    worker = ready_worker(endpoint)
-    job = rp.run(story(100))
-    generating(endpoint, job)
+    rp, worker, job = start_generating(endpoint, 100)
     os.kill(int(worker["pid"]), signal.SIGTERM)
     time.sleep(0.5)  # the signal is handled: from now on the worker takes nothing
     late = rp.run({"prompt": "The capital of France is", "sampling_params": {"max_tokens": 4}})
@@ -115,10 +119,7 @@ def test_sigterm_finishes_the_running_job_takes_no_other_and_leaves_nothing(
 
 
 def test_sigterm_fails_a_job_that_outlasts_the_grace_period(endpoint: LocalEndpoint) -> None:
-    rp = endpoint.runpod()
-    worker = ready_worker(endpoint)
-    job = rp.run(story(1500))
-    generating(endpoint, job)
+    _, worker, job = start_generating(endpoint, 1500)
     signalled = time.monotonic()
     os.kill(int(worker["pid"]), signal.SIGTERM)
 
@@ -137,10 +138,7 @@ def test_sigterm_fails_a_job_that_outlasts_the_grace_period(endpoint: LocalEndpo
 def test_engine_core_death_fails_the_job_and_the_worker_exits_non_zero(
     endpoint: LocalEndpoint,
 ) -> None:
-    rp = endpoint.runpod()
-    worker = ready_worker(endpoint)
-    job = rp.run(story(1500))
-    generating(endpoint, job)
+    _, worker, job = start_generating(endpoint, 1500)
     family = psutil.Process(int(worker["pid"])).children(recursive=True)
     [core] = [p for p in family if "EngineCore" in p.name() + " ".join(p.cmdline())]
     killed = time.monotonic()

@@ -13,12 +13,12 @@ import asyncio
 import os
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from handler.jobs import make_handler
 from handler.settings import load_settings
 from tests.fakes import FakeEngine
-from tests.fuzz_inputs import CHAT, check_outputs, job_inputs
+from tests.fuzz_inputs import CHAT, check_outputs, fuzz_settings, job_inputs
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))
 SETTINGS = load_settings(
@@ -30,13 +30,7 @@ async def answers(handler: Any, job_input: Any) -> list[Any]:
     return [out async for out in handler({"id": "fuzz", "input": job_input})]
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-    derandomize=os.environ.get("FUZZ_RANDOM") != "1",
-)
+@fuzz_settings(EXAMPLES)
 @given(job_input=job_inputs(["fake-model"]))
 def test_any_job_input_ends_in_an_answer_or_one_openai_error(job_input: Any) -> None:
     engine = FakeEngine()
