@@ -170,7 +170,6 @@ def main() -> None:
     with cold.phase("LMCache server spawn"):
         cache = start_cache(settings)
     engine: Engine | None = None
-    died = False
     try:
         with cold.phase("engine"):
             engine, cache = start_engine(settings, cache, watch.trigger)
