@@ -37,7 +37,6 @@ import random
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -312,10 +311,9 @@ async def full_request(client: Any, ids: list[int], max_tokens: int, streamed: b
 
 
 def endpoint_metric(endpoint: LocalEndpoint, name: str) -> float:
-    with urllib.request.urlopen(f"{endpoint.url}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
+    for line in endpoint.text("/metrics").splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
     return 0.0
 
 

@@ -2,32 +2,75 @@
 loop (webhooks, JobScaler, per-job stop) around the real handler, with no vLLM. The local
 endpoint runs it with ``--worker-module tests.fake_worker``.
 
-``FAKE_ENGINE_PAUSE`` (seconds before each streamed event) makes streams last long enough to
-cancel; ``WORKER_METRICS_PORT`` serves the fake engine's running-request gauge, as the real
-worker does.
+``FAKE_ENGINE_PAUSE`` (seconds before each streamed event, and a one-shot answer's time in the
+engine) makes requests last long enough to cancel; ``WORKER_METRICS_PORT`` serves the fake
+engine's running-request gauge, as the real worker does. As in the real worker, an engine that
+dies makes the worker stop taking jobs and exit 1 (:class:`handler.worker.EngineWatch`): a
+request whose last message is :data:`DIE` is answered, then the engine dies a moment later, the
+way a crashed engine core is noticed. ``FAKE_WORKER_SHM=1`` makes the worker hold POSIX shared
+memory and a semaphore the way multiprocessing does for vLLM, and print their /dev/shm names.
 """
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import os
+from multiprocessing import shared_memory
+from typing import Any
 
 from handler import job_loop
 from handler.jobs import make_handler
 from handler.metrics import serve_metrics
+from handler.protocol import EngineCall, EngineReply
 from handler.settings import apply_process_environment, load_settings
-from handler.worker import RUNPOD_LOG_DEFAULTS, configure_logging, runpod_config
+from handler.worker import (
+    RUNPOD_LOG_DEFAULTS,
+    EngineWatch,
+    configure_logging,
+    runpod_config,
+    sigterm_self,
+)
 from tests.fakes import FakeEngine
+
+DIE = "__engine_dies_after_this__"
+DEATH_DELAY_S = 0.05
+
+
+class MortalEngine(FakeEngine):
+    async def serve(self, call: EngineCall) -> EngineReply:
+        reply = await super().serve(call)
+        messages = (call.body or {}).get("messages") or [{}]
+        if isinstance(messages, list) and messages[-1].get("content") == DIE:
+            asyncio.get_running_loop().call_later(DEATH_DELAY_S, setattr, self, "is_dead", True)
+        return reply
+
+
+def hold_shared_memory() -> list[Any]:
+    """A shared-memory segment and a semaphore, as vLLM's processes make them (spawn context:
+    the semaphore's name stays in /dev/shm, both registered with the resource tracker)."""
+    segment = shared_memory.SharedMemory(create=True, size=1 << 16)
+    lock = multiprocessing.get_context("spawn").Lock()
+    semaphore = "sem." + str(lock._semlock.name).lstrip("/")  # type: ignore[attr-defined]
+    print(f"fake worker shared memory: {segment.name} {semaphore}", flush=True)
+    return [segment, lock]
 
 
 def main() -> None:
     apply_process_environment(RUNPOD_LOG_DEFAULTS)
     settings = load_settings({**os.environ, "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "fake-model"})
     configure_logging(settings)
-    engine = FakeEngine(pause=float(os.environ.get("FAKE_ENGINE_PAUSE", "0")))
+    held = hold_shared_memory() if os.environ.get("FAKE_WORKER_SHM") == "1" else []
+    engine = MortalEngine(pause=float(os.environ.get("FAKE_ENGINE_PAUSE", "0")))
+    watch = EngineWatch(settings.engine_dead_grace_s, sigterm_self)
     serve_metrics(settings, engine)
     job_loop.start(
-        runpod_config(settings, make_handler(engine, settings)), settings.shutdown_grace_s
+        runpod_config(settings, make_handler(engine, settings, watch.trigger)),
+        settings.shutdown_grace_s,
     )
+    del held
+    if watch.triggered:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ class LocalEndpoint:
             raw, status = exc.read(), exc.code
         return status, (json.loads(raw) if raw.strip() else None)
 
+    def text(self, path: str, key: str | None = None) -> str:
+        """A GET of ``url + path`` (``/metrics``, ...) as text, with the client key."""
+        headers = {"Authorization": f"Bearer {self.key if key is None else key}"}
+        request = urllib.request.Request(self.url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return str(response.read().decode())
+
     def workers(self) -> list[dict[str, Any]]:
         status, body = self.call("GET", "//local/workers")
         assert status == 200, body

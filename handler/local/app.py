@@ -4,8 +4,15 @@ Client side (RunPod's public API): ``run``, ``runsync``, ``status``, ``stream`` 
 ``cancel``, ``purge-queue``, ``health``, and the OpenAI route ``openai/v1/...``, which turns a
 request into a ``{"openai_route", "openai_input"}`` job and relays the worker's SSE text as it
 arrives. Worker side (what runpod's SDK calls in production): ``job-take``, ``job-take-batch``,
-``job-stream``, ``job-done``, ``job-stop``, ``ping``. Plus ``/metrics`` (Prometheus) and
-``/local/workers`` (the worker processes and their metrics URLs).
+``job-stream``, ``job-done``, ``job-stop``, ``ping``, each refused (401) without the worker key
+the endpoint gave its workers as ``RUNPOD_AI_API_KEY``. Plus ``/metrics`` (Prometheus) and
+``/local/workers`` (the worker processes and their metrics URLs), which need the client key when
+one is set.
+
+Bodies: a declared ``Content-Length`` over the limit is refused (413) before anything is read, and
+reading stops at the limit (chunked bodies too). A body the endpoint could not carry to a worker
+as JSON (``NaN``/``Infinity``, lone UTF-16 surrogates, nesting deeper than
+:data:`MAX_JSON_DEPTH`) is refused with a 400 at submission, so no job is accepted and then lost.
 
 Errors are OpenAI's error object, with the HTTP status in ``code``.
 """
@@ -13,8 +20,10 @@ Errors are OpenAI's error object, with the HTTP status in ``code``.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -30,6 +39,7 @@ from handler.errors import (
     WorkerError,
     error_body,
     from_validation_error,
+    job_error,
 )
 from handler.local.jobstore import Job, JobStore, Status
 from handler.local.metrics import Metrics
@@ -47,8 +57,13 @@ from handler.local.workers import WorkerPool
 
 MAX_RUN_BYTES = 10 * 1024 * 1024  # RunPod's limits on a request body
 MAX_RUNSYNC_BYTES = 20 * 1024 * 1024
+# Containers inside containers a request body may have: deep enough for any real JSON schema,
+# shallow enough that the job (wrapped in a few more levels), the worker's JSON decoding and the
+# handler's validation all stay far from Python's recursion limit (1000).
+MAX_JSON_DEPTH = 128
 STREAM_POLL_S = 2.0  # how long /stream waits for new output before answering with none
 WAIT_SLICE_S = 30.0
+UNCARRYABLE = "The job's input cannot be encoded as JSON for a worker; it was not run."
 
 
 class RunRequest(BaseModel):
@@ -64,29 +79,111 @@ class Unauthorized(WorkerError):
 
 
 def error_response(exc: WorkerError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.status)
+    # a body refused for its size is not read further: the connection cannot be reused
+    headers = {"Connection": "close"} if exc.status == 413 else None
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    raw = await request.body()
-    if len(raw) > limit:
-        raise WorkerError(
-            f"Request body is {len(raw)} bytes; the limit is {limit}.",
-            status=413,
-            type="RequestTooLargeError",
-        )
+def too_large(limit: int) -> WorkerError:
+    return WorkerError(
+        f"Request body is larger than the limit of {limit} bytes.",
+        status=413,
+        type="RequestTooLargeError",
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) by its declared length before reading, or once ``limit`` bytes
+    have arrived without an end (chunked bodies declare none)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constant(name: str) -> None:
+    raise InvalidRequest(f"Request body holds {name}, which JSON cannot carry; send a number.")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_carryable(value: Any) -> None:
+    """Refuse what cannot travel to a worker as JSON: nesting over :data:`MAX_JSON_DEPTH` and
+    strings with a lone UTF-16 surrogate (no UTF-8 encoding exists for one). Iterative, so any
+    depth is safe to check."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                raise InvalidRequest(
+                    'Request body holds a lone UTF-16 surrogate (such as "\\ud800"), which '
+                    "has no UTF-8 encoding."
+                )
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"Request body nests deeper than {MAX_JSON_DEPTH} levels.")
+        children = [*item, *item.values()] if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequest(f"Request body nests deeper than {MAX_JSON_DEPTH} levels.") from None
     except ValueError as exc:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+    check_carryable(value)
+    return value
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    return parse_json(await read_body(request, limit))
+
+
+def encode_json(value: Any) -> bytes:
+    """JSON as starlette's ``JSONResponse`` writes it; ValueError (or RecursionError) when the
+    value has no JSON form."""
+    return json.dumps(
+        value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode("utf-8")
 
 
 async def until_disconnected(request: Request) -> None:
     """Return when the client hangs up (the request body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def wait_or_cancel(
+    request: Request, store: JobStore, job: Job, ready: Callable[[], bool]
+) -> bool:
+    """:func:`wait_until` ``ready()``, unless the client hangs up (or times out) first: then the
+    job is cancelled, which stops it in its worker, and the answer is False."""
+    waiting = asyncio.ensure_future(wait_until(store, job, ready))
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait([waiting, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        gone.cancel()
+    if gone.done() and not gone.cancelled() and not waiting.done():
+        store.cancel(job)
+        return False
+    return True
 
 
 async def wait_until(
@@ -122,13 +219,15 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
         )
 
     def authorize(request: Request) -> None:
-        if options.api_key:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if given != options.api_key:
-                raise Unauthorized("Missing or wrong API key.")
+        if options.api_key and not key_matches(request, options.api_key):
+            raise Unauthorized("Missing or wrong API key.")
+
+    def authorize_worker(request: Request) -> None:
+        if not key_matches(request, pool.worker_key):
+            raise Unauthorized("Worker webhooks need the worker key (RUNPOD_AI_API_KEY).")
 
     client = APIRouter(prefix=base, dependencies=[Depends(authorize)])
-    hooks = APIRouter(prefix=base)
+    hooks = APIRouter(prefix=base, dependencies=[Depends(authorize_worker)])
 
     def find(job_id: str) -> Job:
         job = store.get(job_id)
@@ -205,7 +304,7 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
                 "cancelled": counts[Status.CANCELLED],
                 "inProgress": counts[Status.IN_PROGRESS],
                 "inQueue": counts[Status.IN_QUEUE],
-                "retried": 0,
+                "retried": store.retried,
             },
             "workers": pool.states(),
         }
@@ -216,15 +315,18 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
     async def openai(path: str, request: Request) -> Response:
         body = await read_json(request, MAX_RUNSYNC_BYTES) if request.method == "POST" else None
         job = submit({"input": openai_job_input("/" + path, body)})
+        # a client that leaves (or times out) before its answer cancels the job, as a stream's does
         if wants_stream(body):
-            await wait_until(store, job, lambda: bool(job.stream))
+            if not await wait_or_cancel(request, store, job, lambda: bool(job.stream)):
+                return Response(status_code=499)
             if job.stream and isinstance(job.stream[0], str):
                 return StreamingResponse(
                     relay(store, job),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-        await wait_until(store, job, lambda: job.final)
+        if not await wait_or_cancel(request, store, job, lambda: job.final):
+            return Response(status_code=499)
         return one_shot_response(job)
 
     # -- the webhooks runpod's SDK calls ---------------------------------------------------------
@@ -253,24 +355,33 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
 
     @hooks.get("/job-take/{worker_id}")
     async def job_take(worker_id: str, request: Request) -> Response:
-        jobs = await take(request, worker_id, 1)
+        jobs = encode_taken(store, await take(request, worker_id, 1))
         if not jobs:
             return Response(status_code=204)
-        return JSONResponse({"id": jobs[0].id, "input": jobs[0].input})
+        return Response(jobs[0], media_type="application/json")
 
     @hooks.get("/job-take-batch/{worker_id}")
     async def job_take_batch(
         worker_id: str, request: Request, batch_size: Annotated[int, Query(ge=1, le=1024)] = 1
     ) -> Response:
-        jobs = await take(request, worker_id, batch_size)
+        jobs = encode_taken(store, await take(request, worker_id, batch_size))
         if not jobs:
             return Response(status_code=204)
-        return JSONResponse([{"id": job.id, "input": job.input} for job in jobs])
+        return Response(b"[" + b",".join(jobs) + b"]", media_type="application/json")
+
+    async def worker_output(request: Request, job: Job) -> Any:
+        """A worker's POST body; one that clients could not be given as JSON fails the job."""
+        try:
+            return await read_json(request, MAX_RUNSYNC_BYTES)
+        except InvalidRequest as exc:
+            message = f"The worker's output cannot be relayed: {exc.message}"
+            store.fail(job, job_error(WorkerError(message))["error"])
+            return None
 
     @hooks.post("/job-stream/{worker_id}/{job_id}")
     async def job_stream(worker_id: str, job_id: str, request: Request) -> dict[str, Any]:
         job = job_of(worker_id, job_id)
-        payload = await read_json(request, MAX_RUNSYNC_BYTES)
+        payload = await worker_output(request, job)
         half_delay = options.stream_post_delay_ms / 2000
         if half_delay:
             await asyncio.sleep(half_delay)
@@ -282,7 +393,9 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
     @hooks.post("/job-done/{worker_id}/{job_id}")
     async def job_done(worker_id: str, job_id: str, request: Request) -> dict[str, Any]:
         job = job_of(worker_id, job_id)
-        payload = await read_json(request, MAX_RUNSYNC_BYTES)
+        payload = await worker_output(request, job)
+        if job.final:
+            return {"ok": True}
         if not isinstance(payload, dict):
             raise InvalidRequest("job-done: the body must be a JSON object")
         store.complete(job, payload)
@@ -306,15 +419,35 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
     app.include_router(client)
     app.include_router(hooks)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(authorize)])
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/local/workers")
+    @app.get("/local/workers", dependencies=[Depends(authorize)])
     async def workers() -> list[dict[str, object]]:
         return pool.describe()
 
     return app
+
+
+def encode_taken(store: JobStore, jobs: list[Job]) -> list[bytes]:
+    """Each taken job as JSON for its worker; one that cannot be encoded is failed with an error
+    instead of breaking the answer (runpod would drop the whole batch, and its jobs be lost)."""
+    encoded = []
+    for job in jobs:
+        try:
+            encoded.append(encode_json({"id": job.id, "input": job.input}))
+        except (ValueError, RecursionError):
+            store.fail(job, job_error(InvalidRequest(UNCARRYABLE))["error"])
+    return encoded
+
+
+def key_matches(request: Request, key: str) -> bool:
+    """``Authorization: Bearer KEY`` (clients), the bare key (runpod's worker SDK sends
+    ``RUNPOD_AI_API_KEY`` as it is), or ``x-api-key: KEY`` (Anthropic's SDKs)."""
+    given = request.headers.get("authorization", "").strip().removeprefix("Bearer ").strip()
+    given = given or request.headers.get("x-api-key", "").strip()
+    return hmac.compare_digest(given.encode(), key.encode())
 
 
 def one_shot_response(job: Job) -> JSONResponse:

@@ -1,7 +1,12 @@
 """The local endpoint's job queue and job records, shared by its client and worker sides.
 
 A job goes IN_QUEUE -> IN_PROGRESS (a worker took it) -> COMPLETED | FAILED | CANCELLED, as on
-RunPod. Workers long-poll :meth:`JobStore.take` and :meth:`JobStore.stop_signals`; clients wait on
+RunPod. A worker that fails a job as unavailable (a 503 ``ServiceUnavailableError``: its engine
+died, or it is shutting down) before the job produced any output is going away: the job goes back
+to the front of the queue for another worker (at most :data:`MAX_RETRIES` times; /health counts
+them as ``retried``), and that worker is handed nothing more.
+
+Workers long-poll :meth:`JobStore.take` and :meth:`JobStore.stop_signals`; clients wait on
 :meth:`JobStore.wait` for a job to change (a streamed chunk, a final state). Nothing here does I/O:
 the HTTP layer (``handler.local.app``) calls these methods, and tests call them directly.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -28,6 +34,18 @@ class Status(enum.StrEnum):
 
 
 FINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+MAX_RETRIES = 2  # a job that takes its worker's engine down each time fails after this many
+
+
+def unavailable(error: str) -> bool:
+    """A worker's job error that says the worker itself cannot serve (the OpenAI error object as
+    JSON, type ``ServiceUnavailableError``), rather than anything about the request."""
+    try:
+        parsed = json.loads(error)
+    except ValueError:
+        return False
+    body = parsed.get("error") if isinstance(parsed, dict) else None
+    return isinstance(body, dict) and body.get("type") == "ServiceUnavailableError"
 
 
 class Signal:
@@ -61,6 +79,7 @@ class Job:
     stream: list[Any] = field(default_factory=list)
     stream_read: int = 0  # chunks already handed out by the client's /stream
     stream_posts: int = 0
+    retries: int = 0
     changed: Signal = field(default_factory=Signal)
 
     @property
@@ -93,7 +112,9 @@ class JobStore:
         self._work = Signal()
         self._stops: dict[str, list[str]] = {}
         self._stop_signal: dict[str, Signal] = {}
+        self._going_away: set[str] = set()  # workers that reported themselves unavailable
         self.totals: dict[Status, int] = dict.fromkeys(FINAL, 0)
+        self.retried = 0
 
     # -- client side -------------------------------------------------------------------------
 
@@ -154,7 +175,7 @@ class JobStore:
             if left <= 0:
                 return []
             await self._work.wait(left)
-        if self.closed or not alive():
+        if self.closed or not alive() or worker_id in self._going_away:
             return []
         taken: list[Job] = []
         while self._pending and len(taken) < count:
@@ -179,12 +200,27 @@ class JobStore:
         if job.final:
             return
         if result.get("error"):
-            job.error = str(result["error"])
+            error = str(result["error"])
+            if unavailable(error) and job.worker_id is not None:
+                self._going_away.add(job.worker_id)
+                if not job.stream and job.retries < MAX_RETRIES:
+                    self._requeue(job)
+                    return
+            job.error = error
             self._finish(job, Status.FAILED)
             return
         job.output = result.get("output")
         self._mark_first_output(job)
         self._finish(job, Status.COMPLETED)
+
+    def fail(self, job: Job, error: str) -> None:
+        """The endpoint itself fails a job it cannot run or relay (``error`` as the worker's)."""
+        if job.final:
+            return
+        if job.status is Status.IN_QUEUE:
+            self._pending.remove(job.id)
+        job.error = error
+        self._finish(job, Status.FAILED)
 
     async def stop_signals(self, worker_id: str, hold_s: float) -> list[str]:
         """Job ids ``worker_id`` must stop, waiting up to ``hold_s`` for one."""
@@ -234,6 +270,14 @@ class JobStore:
 
     def _signal_for(self, worker_id: str) -> Signal:
         return self._stop_signal.setdefault(worker_id, Signal())
+
+    def _requeue(self, job: Job) -> None:
+        job.status, job.worker_id, job.started = Status.IN_QUEUE, None, None
+        job.retries += 1
+        self.retried += 1
+        self._pending.appendleft(job.id)
+        job.changed.fire()
+        self._work.fire()
 
     def _mark_first_output(self, job: Job) -> None:
         if job.first_output is None:

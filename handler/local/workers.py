@@ -10,7 +10,9 @@ after the engine is up), then *ready*. A ready worker that exits fails its unfin
 started again (RunPod replaces dead workers); one that exits before it was ever ready stops the
 whole endpoint, since its settings or model are broken. :meth:`WorkerPool.stop` sends SIGTERM
 (runpod's graceful stop: no new jobs, in-flight ones finish), then kills what is left of each
-worker's process group after the grace period, so no process outlives the endpoint.
+worker's process group after the grace period, so no process outlives the endpoint. What an
+exited worker's group left in ``/dev/shm`` (a SIGKILL of the group kills Python's resource tracker
+too) is removed (:mod:`handler.local.shm`).
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from handler.errors import WorkerError, job_error
 from handler.lmcache import free_port
+from handler.local import shm
 from handler.local.jobstore import JobStore
 from handler.settings import LOCAL_ONLY, TELEMETRY_OFF
 
@@ -42,11 +46,13 @@ PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 RESTART_DELAY_S = 1.0
 GROUP_SETTLE_S = 3.0  # after a worker exits, how long what it started gets to exit too
+SHM_SCAN_S = 2.0  # how often the /dev/shm entries each worker's group holds are noted
 
 
-def webhook_env(base_url: str, endpoint_id: str, worker_id: str) -> dict[str, str]:
+def webhook_env(base_url: str, endpoint_id: str, worker_id: str, key: str) -> dict[str, str]:
     """The variables RunPod gives a worker, pointing at ``base_url`` (``$ID`` and
-    ``$RUNPOD_POD_ID`` are filled in by the SDK; it appends ``&...`` query parameters)."""
+    ``$RUNPOD_POD_ID`` are filled in by the SDK; it appends ``&...`` query parameters).
+    ``key`` is the worker key the webhooks require, given through the environment only."""
     hooks = f"{base_url}/v2/{endpoint_id}"
     query = "?gpu=local"
     return {
@@ -57,8 +63,9 @@ def webhook_env(base_url: str, endpoint_id: str, worker_id: str) -> dict[str, st
         "RUNPOD_PING_INTERVAL": "5000",
         "RUNPOD_POD_ID": worker_id,
         "RUNPOD_ENDPOINT_ID": endpoint_id,
-        # runpod sends pings only when a key is set; the local endpoint does not check it
-        "RUNPOD_AI_API_KEY": "local-worker",
+        # runpod sends it as the Authorization header of every webhook call (and pings only
+        # when it is set)
+        "RUNPOD_AI_API_KEY": key,
     }
 
 
@@ -73,6 +80,8 @@ class Worker:
     starts: int = 0
     # how the last start that ended did: its number, exit status, processes of its group left
     last_exit: dict[str, int] | None = None
+    started_at: float = 0.0  # wall clock, to compare with /dev/shm entries' times
+    shm: set[str] = field(default_factory=set)  # /dev/shm entries its group was seen holding
 
     @property
     def alive(self) -> bool:
@@ -90,11 +99,14 @@ class WorkerPool:
         command: Sequence[str] = (sys.executable, "-m", "handler"),
         restart: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        worker_key: str | None = None,
     ) -> None:
         self.workers = [
             Worker(slot=f"local-worker-{i}", metrics_port=free_port()) for i in range(count)
         ]
         self._current: dict[str, Worker] = {}
+        # what workers authenticate webhook calls with: new for every endpoint run
+        self.worker_key = worker_key or secrets.token_urlsafe(32)
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._base_env = dict(base_env)
         self._base_url = base_url
@@ -107,10 +119,12 @@ class WorkerPool:
         self._watchers: set[asyncio.Task[None]] = set()
         self._home = Path(tempfile.mkdtemp(prefix="runpod-local-workers-"))
         self._all_ready = asyncio.Event()
+        self._scanner: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         for worker in self.workers:
             await self._spawn(worker)
+        self._scanner = asyncio.create_task(self._scan_shm())
 
     def current(self, worker_id: str) -> bool:
         """``worker_id`` is the running start of one of this pool's workers."""
@@ -122,9 +136,11 @@ class WorkerPool:
         worker = self._current.get(worker_id)
         if worker is None or not worker.alive:
             return False
-        if not worker.ready:
-            log.info("worker %s is ready", worker_id)
+        first = not worker.ready
         worker.ready, worker.last_seen = True, self._clock()
+        if first:
+            log.info("worker %s is ready", worker_id)
+            self.note_shm()  # what it made while starting
         if self.all_ready:
             self._all_ready.set()
         return True
@@ -169,6 +185,8 @@ class WorkerPool:
     async def stop(self, grace_s: float) -> None:
         """SIGTERM every worker, release their long-polls, wait, then kill what is left."""
         self._stopping = True
+        if self._scanner is not None:
+            self._scanner.cancel()
         for worker in self.workers:
             if worker.alive and worker.process is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -198,6 +216,7 @@ class WorkerPool:
         worker.ready = False
         self._all_ready.clear()
         worker.starts += 1
+        worker.started_at, worker.shm = time.time(), set()
         self._current.pop(worker.id, None)
         worker.id = worker.slot if worker.starts == 1 else f"{worker.slot}-r{worker.starts}"
         self._current[worker.id] = worker
@@ -206,7 +225,7 @@ class WorkerPool:
             **TELEMETRY_OFF,
             **self._base_env,
             **LOCAL_ONLY,
-            **webhook_env(self._base_url, self._endpoint_id, worker.id),
+            **webhook_env(self._base_url, self._endpoint_id, worker.id, self.worker_key),
             "WORKER_METRICS_PORT": str(worker.metrics_port),
             "PYTHONPATH": f"{PROJECT_ROOT}{os.pathsep}{path}" if path else PROJECT_ROOT,
             "PYTHONUNBUFFERED": "1",
@@ -228,10 +247,17 @@ class WorkerPool:
         if not self._stopping:
             lost = self._store.fail_worker_jobs(worker.id, worker_lost_error(code))
             log.error("worker %s exited with status %d; %d job(s) failed", worker.id, code, lost)
+        # what the rest of the group still holds, before it is killed
+        worker.shm |= shm.held_by(p.pid for p in _group(process.pid))
         left = await _reap_group(process.pid)  # anything the worker left behind
         worker.last_exit = {"start": worker.starts, "code": code, "left_behind": left}
         if left:
             log.warning("worker %s left %d process(es) running; killed them", worker.id, left)
+        removed = shm.remove_left(worker.shm, worker.started_at)
+        if removed:
+            log.warning(
+                "worker %s left %d entries in /dev/shm; removed them", worker.id, len(removed)
+            )
         if self._stopping:
             return
         if not was_ready:
@@ -242,6 +268,23 @@ class WorkerPool:
             await asyncio.sleep(RESTART_DELAY_S)
             if not self._stopping:
                 await self._spawn(worker)
+
+    async def _scan_shm(self) -> None:
+        """Note, every :data:`SHM_SCAN_S`, what each running worker's group holds in /dev/shm."""
+        while not self._stopping:
+            self.note_shm()
+            await asyncio.sleep(SHM_SCAN_S)
+
+    def note_shm(self) -> None:
+        groups = {w.process.pid: w for w in self.workers if w.alive and w.process is not None}
+        members: dict[int, list[int]] = {}
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                pgid = os.getpgid(proc.pid)
+                if pgid in groups:
+                    members.setdefault(pgid, []).append(proc.pid)
+        for pgid, pids in members.items():
+            groups[pgid].shm |= shm.held_by(pids)
 
 
 def worker_lost_error(code: int) -> str:

@@ -191,3 +191,44 @@ def test_openai_shapes() -> None:
     assert one_shot_output([1, 2]) == [1, 2]
     assert sse_chunk("data: x\n\n") == "data: x\n\n"
     assert sse_chunk({"a": "é"}) == 'data: {"a": "é"}\n\n'
+
+
+def unavailable_error() -> dict[str, str]:
+    body = {"message": "engine gone", "type": "ServiceUnavailableError", "param": None}
+    return {"error": json.dumps({"error": {**body, "code": 503}})}
+
+
+async def test_a_job_a_going_away_worker_could_not_start_waits_for_another() -> None:
+    store = JobStore()
+    job = store.submit({"prompt": "hi"})
+    assert await store.take("w0", 1, hold_s=1) == [job]
+    store.complete(job, unavailable_error())
+    assert (job.status, job.worker_id, job.retries, store.retried) == (Status.IN_QUEUE, None, 1, 1)
+    assert await store.take("w0", 1, hold_s=0.01) == []  # w0 is going away: nothing more for it
+    assert await store.take("w1", 1, hold_s=1) == [job]
+    store.complete(job, {"output": ["ok"]})
+    assert (job.status, store.totals[Status.FAILED]) == (Status.COMPLETED, 0)
+
+
+async def test_a_job_that_streamed_or_was_retried_enough_fails_with_the_503() -> None:
+    store = JobStore()
+    streamed, poison = store.submit("a"), store.submit("b")
+    assert await store.take("w0", 1, hold_s=1) == [streamed]
+    store.add_output(streamed, "chunk")
+    store.complete(streamed, unavailable_error())
+    assert streamed.status is Status.FAILED  # its client saw output already
+    for worker in ("w1", "w2", "w3"):
+        assert await store.take(worker, 1, hold_s=1) == [poison]
+        store.complete(poison, unavailable_error())
+    assert (poison.status, poison.retries) == (Status.FAILED, 2)
+    assert json.loads(poison.error or "")["error"]["code"] == 503
+
+
+async def test_fail_ends_a_queued_or_running_job_with_the_error() -> None:
+    store = JobStore()
+    running, queued = store.submit("a"), store.submit("b")
+    assert await store.take("w0", 1, hold_s=1) == [running]
+    store.fail(running, "no")
+    store.fail(queued, "no")
+    assert [queued.status, running.status] == [Status.FAILED, Status.FAILED]
+    assert store.counts()[Status.IN_QUEUE] == 0 and await store.take("w0", 1, hold_s=0.01) == []

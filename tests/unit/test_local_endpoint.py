@@ -194,7 +194,7 @@ def test_sixteen_concurrent_streams_stay_whole(endpoint: LocalEndpoint) -> None:
 
 def test_metrics(endpoint: LocalEndpoint) -> None:
     endpoint.call("POST", "/runsync", {"input": {"prompt": "Hi", "stream": True}})
-    text = _raw(endpoint, "/metrics")
+    text = endpoint.text("/metrics")
     for name in (
         'runpod_local_jobs_finished_total{status="COMPLETED"}',
         "runpod_local_job_queue_wait_seconds_count",
@@ -242,13 +242,6 @@ def test_a_worker_that_cannot_start_stops_the_endpoint(tmp_path: Path) -> None:
     ):
         pass
     assert "exited with status 1 at start" in (tmp_path / "local-endpoint.log").read_text()
-
-
-def _raw(endpoint: LocalEndpoint, path: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(endpoint.url + path, timeout=10) as response:
-        return str(response.read().decode())
 
 
 def test_unknown_routes_and_endpoints_get_openai_errors(endpoint: LocalEndpoint) -> None:

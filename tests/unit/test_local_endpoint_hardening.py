@@ -1,0 +1,332 @@
+"""Issue 14, local endpoint: what hostile input, killed processes and leaving clients found,
+driven from outside: HTTP against ``python -m handler.local`` with fake-engine workers (runpod's
+real production loop in real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any
+
+import openai
+import psutil
+import pytest
+
+from handler.local.app import MAX_JSON_DEPTH, encode_taken
+from handler.local.jobstore import JobStore, Status
+from tests.fake_worker import DIE
+from tests.fakes import TEXT
+from tests.local_endpoint import KEY, LocalEndpoint, local_endpoint
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SLOW_S = 5.0  # a one-shot request's time in the fake engine
+
+
+def fake_endpoint(tmp: Path, pause: float, *args: str, **env: str) -> Any:
+    return local_endpoint(
+        tmp,
+        {"FAKE_ENGINE_PAUSE": str(pause), "STREAM_FLUSH_INTERVAL_MS": "0", **env},
+        "--worker-module",
+        "tests.fake_worker",
+        "--take-timeout-s",
+        "5",
+        *args,
+        start_timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEndpoint]:
+    """One slow worker that holds shared memory, as vLLM's processes do."""
+    with fake_endpoint(tmp_path_factory.mktemp("slow"), SLOW_S, FAKE_WORKER_SHM="1") as started:
+        yield started
+
+
+def raw_post(endpoint: LocalEndpoint, path: str, body: bytes) -> tuple[int, Any]:
+    """POST exact bytes (json.dumps could not write most of what these tests send)."""
+    with socket.create_connection(("127.0.0.1", port(endpoint)), timeout=30) as sock:
+        head = (
+            f"POST /v2/local{path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        return parse_response(read_all(sock))
+
+
+def port(endpoint: LocalEndpoint) -> int:
+    return int(endpoint.url.rsplit(":", 1)[1])
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def parse_response(raw: bytes) -> tuple[int, Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body = dechunk(body)
+    return status, json.loads(body) if body.strip() else None
+
+
+def dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out, body = out + body[:size], body[size + 2 :]
+    return out
+
+
+def openai_error(status: int, body: Any, code: int, type_: str = "BadRequestError") -> str:
+    assert status == code, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert (body["error"]["code"], body["error"]["type"]) == (code, type_)
+    return str(body["error"]["message"])
+
+
+def wait_final(endpoint: LocalEndpoint, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        _, status = endpoint.call("GET", f"/status/{job_id}")
+        if status["status"] in {"COMPLETED", "FAILED", "CANCELLED"}:
+            return dict(status)
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+# -- 6: worker webhooks need the worker key ------------------------------------------------------
+
+
+def test_webhooks_refuse_calls_without_the_worker_key(endpoint: LocalEndpoint) -> None:
+    worker = endpoint.workers()[0]
+    wid = worker["id"]
+    hooks = [
+        ("GET", f"/job-take/{wid}"),
+        ("GET", f"/job-take-batch/{wid}?batch_size=4"),
+        ("POST", f"/job-stream/{wid}/local-x"),
+        ("POST", f"/job-done/{wid}/local-x"),
+        ("GET", f"/job-stop/{wid}"),
+        ("GET", f"/ping/{wid}"),
+    ]
+    _, job = endpoint.call("POST", "/run", {"input": {"prompt": "secret prompt"}})
+    for method, path in hooks:
+        for key in ("", KEY):  # nothing, or the clients' key
+            body = {"output": "forged"} if method == "POST" else None
+            status, answer = endpoint.call(method, path, body, key=key, timeout=10)
+            openai_error(status, answer, 401, "AuthenticationError")
+    assert wait_final(endpoint, job["id"])["status"] == "COMPLETED"  # the real worker got it
+
+    # the worker has its key from the environment, never from its command line
+    process = psutil.Process(worker["pid"])
+    worker_key = process.environ()["RUNPOD_AI_API_KEY"]
+    assert len(worker_key) >= 32 and worker_key != KEY
+    for proc in [process, *process.children(recursive=True), psutil.Process(endpoint.process.pid)]:
+        assert not any(worker_key in arg for arg in proc.cmdline())
+    assert endpoint.call("GET", f"/ping/{wid}", key=worker_key) == (200, {"ok": True})
+
+    for path in ("//metrics", "//local/workers"):
+        status, answer = endpoint.call("GET", path, key="")
+        openai_error(status, answer, 401, "AuthenticationError")
+    assert "runpod_local_jobs_finished_total" in endpoint.text("/metrics")
+
+
+# -- 7: nothing the endpoint cannot carry is accepted ---------------------------------------------
+
+UNCARRYABLE = {
+    "NaN": b'{"input": {"prompt": "Hi", "temperature": NaN}}',
+    "Infinity": b'{"input": {"prompt": "Hi", "max_tokens": Infinity}}',
+    "-Infinity": b'{"input": {"x": [-Infinity]}}',
+    "escaped surrogate": b'{"input": {"prompt": "\\ud800"}}',
+    "surrogate bytes": b'{"input": {"prompt": "\xed\xa0\x80"}}',
+    "surrogate key": b'{"input": {"\\udfff": 1}}',
+    "too deep": b'{"input": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}",
+}
+
+
+@pytest.mark.parametrize("name", list(UNCARRYABLE))
+def test_bodies_that_cannot_reach_a_worker_are_refused_at_submit(
+    endpoint: LocalEndpoint, name: str
+) -> None:
+    body = UNCARRYABLE[name]
+    for path in ("/run", "/runsync"):
+        openai_error(*raw_post(endpoint, path, body), 400)
+    chat = body.replace(b'{"input": ', b'{"model": "fake-model", "messages": [], "x": ', 1)
+    openai_error(*raw_post(endpoint, "/openai/v1/chat/completions", chat), 400)
+    health = endpoint.call("GET", "/health")[1]["jobs"]
+    assert (health["inQueue"], health["inProgress"]) == (0, 0)
+
+
+def test_the_deepest_body_allowed_still_runs(endpoint: LocalEndpoint) -> None:
+    depth = MAX_JSON_DEPTH - 2  # {"input": {"x": [[...]]}}
+    body = b'{"input": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
+    status, job = raw_post(endpoint, "/run", body)
+    assert status == 200, job
+    assert wait_final(endpoint, job["id"])["status"] == "FAILED"  # no prompt: the worker's 400
+
+
+async def test_a_job_that_cannot_be_encoded_fails_and_its_batch_still_goes_out() -> None:
+    store = JobStore()
+    bad, good = store.submit({"x": float("nan")}), store.submit({"prompt": "Hi"})
+    taken = await store.take("w0", 4, hold_s=1)
+    assert encode_taken(store, taken) == [
+        json.dumps({"id": good.id, "input": good.input}, separators=(",", ":")).encode()
+    ]
+    assert (bad.status, good.status) == (Status.FAILED, Status.IN_PROGRESS)
+    assert json.loads(bad.error or "")["error"]["code"] == 400
+
+
+# -- 8: a one-shot OpenAI request whose client leaves is cancelled --------------------------------
+
+
+def test_a_one_shot_request_whose_client_times_out_stops_in_the_worker(
+    endpoint: LocalEndpoint,
+) -> None:
+    cancelled = endpoint.call("GET", "/health")[1]["jobs"]["cancelled"]
+    impatient = endpoint.openai().with_options(timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="fake-model", messages=QUESTION)  # type: ignore[arg-type]
+    endpoint.wait_for(
+        lambda: endpoint.worker_metric("worker_engine_running_requests") == 0,
+        "the engine to drop the request",
+        timeout=2,
+    )
+    assert time.monotonic() - started < SLOW_S - 0.5  # before it would have finished by itself
+    assert endpoint.call("GET", "/health")[1]["jobs"]["cancelled"] == cancelled + 1
+
+
+# -- 9: hostile bodies ---------------------------------------------------------------------------
+
+
+def rss(endpoint: LocalEndpoint) -> int:
+    return int(psutil.Process(endpoint.process.pid).memory_info().rss)
+
+
+def send_until_answered(sock: socket.socket, chunks: Iterator[bytes]) -> tuple[int, bytes]:
+    """Send ``chunks`` until the server answers or hangs up; bytes sent and what came back."""
+    sent = 0
+    sock.setblocking(False)
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            readable, writable, _ = select.select([sock], [sock], [], 10)
+            if readable:
+                return sent, drain(sock)
+            assert writable, "the endpoint neither read nor answered for 10 s"
+            try:
+                n = sock.send(view)
+            except (BrokenPipeError, ConnectionResetError):
+                return sent, drain(sock)
+            sent, view = sent + n, view[n:]
+    return sent, drain(sock)
+
+
+def drain(sock: socket.socket) -> bytes:
+    sock.setblocking(True)
+    sock.settimeout(10)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+MB = 1 << 20
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(endpoint: LocalEndpoint) -> None:
+    declared = 300 * MB
+    before = rss(endpoint)
+    with socket.create_connection(("127.0.0.1", port(endpoint))) as sock:
+        sock.sendall(
+            f"POST /v2/local/run HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Length: {declared}\r\n\r\n".encode()
+        )
+        sent, answer = send_until_answered(sock, (b"x" * MB for _ in range(300)))
+    openai_error(*parse_response(answer), 413, "RequestTooLargeError")
+    assert sent < 32 * MB  # what socket buffers took; the endpoint read none of it
+    assert rss(endpoint) - before < 32 * MB
+
+    # chunked: no length to check, so reading stops at the limit (10 MB for /run)
+    with socket.create_connection(("127.0.0.1", port(endpoint))) as sock:
+        sock.sendall(
+            f"POST /v2/local/run HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = f"{MB:x}\r\n".encode() + b"x" * MB + b"\r\n"
+        sent, answer = send_until_answered(sock, (chunk for _ in range(100)))
+    openai_error(*parse_response(answer), 413, "RequestTooLargeError")
+    assert 10 * MB < sent < 48 * MB
+    assert rss(endpoint) - before < 64 * MB
+
+
+def test_json_nested_100000_deep_is_a_400(endpoint: LocalEndpoint) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path, body in (
+        ("/run", b'{"input": ' + deep + b"}"),
+        ("/openai/v1/chat/completions", deep),
+    ):
+        message = openai_error(*raw_post(endpoint, path, body), 400)
+        assert message == f"Request body nests deeper than {MAX_JSON_DEPTH} levels."
+
+
+# -- 11: a killed worker's shared memory is removed ----------------------------------------------
+
+
+def test_a_killed_worker_groups_shared_memory_is_removed(endpoint: LocalEndpoint) -> None:
+    names = re.findall(r"fake worker shared memory: (\S+) (\S+)", endpoint.log.read_text())[-1]
+    shm = Path("/dev/shm")
+    assert all((shm / name).exists() for name in names)
+    bystander = shared_memory.SharedMemory(create=True, size=4096)  # someone else's
+    try:
+        victim = endpoint.workers()[0]
+        os.killpg(victim["pid"], signal.SIGKILL)  # the worker, its ping and resource tracker
+        endpoint.wait_for(
+            lambda: (
+                endpoint.workers()[0]["starts"] == victim["starts"] + 1
+                and endpoint.workers()[0]["ready"]
+            ),
+            "the worker to be replaced",
+            timeout=30,
+        )
+        assert [name for name in names if (shm / name).exists()] == []
+        assert (shm / bystander.name.lstrip("/")).exists()
+    finally:
+        bystander.close()
+        bystander.unlink()
+
+
+# -- 10: a job sent while a worker restarts waits for the replacement -----------------------------
+
+
+def test_a_job_sent_just_after_an_engine_crash_waits_for_the_new_worker(tmp_path: Path) -> None:
+    with fake_endpoint(tmp_path, 0.0) as endpoint:
+        crash = {"messages": [{"role": "user", "content": DIE}]}
+        assert endpoint.call("POST", "/runsync", {"input": crash})[1]["status"] == "COMPLETED"
+        time.sleep(0.1)  # the engine is dead; the worker has not noticed yet
+        _, job = endpoint.call("POST", "/run", {"input": {"messages": QUESTION}})
+        final = wait_final(endpoint, job["id"])
+        assert final["status"] == "COMPLETED", final
+        assert final["output"][0]["choices"][0]["message"]["content"] == TEXT
+        worker = endpoint.workers()[0]
+        assert (worker["starts"], worker["last_exit"]["code"]) == (2, 1)
+        assert final["workerId"] == worker["id"]
+        health = endpoint.call("GET", "/health")[1]["jobs"]
+        assert (health["retried"], health["failed"]) == (1, 0)
