@@ -2,17 +2,20 @@
 
 In: :class:`~handler.settings.Settings`, turned into ``vllm serve`` arguments and parsed by vLLM's
 own parser, so every ``vllm serve`` flag works as an environment variable (``TENSOR_PARALLEL_SIZE``
-for ``--tensor-parallel-size``). vLLM's ``AsyncLLM`` and its OpenAI serving layer (chat,
-completions, models, with their chat templates, tool and reasoning parsers) are built once.
+for ``--tensor-parallel-size``); flags of its HTTP server alone are refused or ignored. vLLM's
+``AsyncLLM`` and the FastAPI app ``vllm serve`` runs over it are built once, in-process.
 
-They live on an event loop of their own, in a thread: vLLM binds its objects to the loop that
-built them, while runpod runs jobs on a loop it makes later (and uvicorn, under
-``--rp_serve_api``, on another). :meth:`VllmEngine.serve` may be awaited from any loop; a streamed
-answer is carried across as SSE strings, and closing or cancelling it aborts the vLLM request.
+Every request is an ASGI call of that app (no server, no socket): a job's route, method and body
+become the request, so vLLM's routers, request validation, exception handlers and SSE encoding
+answer exactly as ``vllm serve`` would. The engine and the app live on an event loop of their
+own, in a thread: vLLM binds its objects to the loop that built them, while runpod runs jobs on a
+loop it makes later. :meth:`VllmEngine.serve` may be awaited from any loop; a streamed answer is
+carried across as whole SSE events, and leaving it early tells the app the client disconnected,
+which aborts the vLLM request.
 
-Out: a response dict, or an async iterator of SSE events. Errors: vLLM's error answers become
-:class:`~handler.errors.EngineError` with vLLM's status and type; a malformed argument raises
-:class:`~handler.settings.SettingsError` naming the variable; a dead engine raises EngineDead.
+Out: the JSON answer as a dict, or an async iterator of SSE events. Errors: an error answer
+becomes :class:`~handler.errors.EngineError` with vLLM's status and body; a malformed argument
+raises :class:`~handler.settings.SettingsError` naming the variable; a dead engine, EngineDead.
 """
 
 from __future__ import annotations
@@ -20,28 +23,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import io
 import json
 import logging
 import shlex
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any
 
 import psutil
-from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from handler.errors import EngineDead, InvalidRequest, NotFound, from_validation_error
-from handler.protocol import EngineCall, EngineReply, ModelInfo, Route
+from handler import parsers
+from handler.errors import EngineDead, EngineError, InvalidRequest
+from handler.protocol import EngineCall, EngineReply, ModelInfo
 from handler.settings import Settings, SettingsError, env_names, lora_specs
-from handler.streaming import END, Failure, engine_error, pump
+from handler.streaming import END, Failure
 
 log = logging.getLogger("handler.engine")
-T = TypeVar("T")
 
 # Flags the worker sets from its own settings; the variable to use instead of each.
 _OWNED_FLAGS = {
@@ -54,9 +56,51 @@ _OWNED_FLAGS = {
     "--kv-cache-memory-bytes": "KV_CACHE_GB",
     "--lora-modules": "LORA_MODULES",
 }
+# `vllm serve` flags that concern only its HTTP server. The worker runs vLLM's app in-process
+# without that server, and RunPod authenticates callers: these would lock the worker out of its
+# own app or change its routes, so they stop the worker ...
+_SERVER_FLAGS_REFUSED = {
+    "--api-key": "RunPod authenticates callers; vLLM's app would demand this key of the worker",
+    "--root-path": "the worker calls vLLM's routes by their own paths",
+    "--middleware": "the worker calls vLLM's app directly, not through an HTTP server",
+}
+# ... and these are ignored, with a warning (they configure a server that does not run).
+_SERVER_FLAGS_IGNORED = frozenset(
+    {
+        "--host",
+        "--port",
+        "--uds",
+        "--grpc-port",
+        "--uvicorn-log-level",
+        "--disable-uvicorn-access-log",
+        "--disable-access-log-for-endpoints",
+        "--allow-credentials",
+        "--allowed-origins",
+        "--allowed-methods",
+        "--allowed-headers",
+        "--ssl-keyfile",
+        "--ssl-certfile",
+        "--ssl-ca-certs",
+        "--ssl-cert-reqs",
+        "--ssl-ciphers",
+        "--enable-ssl-refresh",
+        "--disable-fastapi-docs",
+        "--enable-offline-docs",
+        "--h11-max-incomplete-event-size",
+        "--h11-max-header-count",
+        "--data-parallel-supervisor-port",
+        "--dp-supervisor-probe-interval-s",
+        "--dp-supervisor-probe-timeout-s",
+        "--dp-supervisor-probe-failure-threshold",
+    }
+)
+# Read by vLLM from the environment, with the effect of --api-key.
+_KEY_VARIABLES = ("VLLM_API_KEY",)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _HEALTH_POLL_S = 0.5
+# How long a request whose caller left may take to end once vLLM's app knows; then it is cancelled
+_LEAVE_S = 5.0
 
 
 _CONNECTOR_OWNER = "LMCACHE_ENABLED=false, to configure a KV connector yourself"
@@ -98,6 +142,9 @@ def owned_args(
         argv += ["--enable-lora", "--max-loras", str(slots), "--lora-modules", *specs]
     # usage.prompt_tokens_details.cached_tokens: prompt tokens from vLLM's prefix cache or LMCache
     argv.append("--enable-prompt-tokens-details")
+    # the render routes (/v1/chat/completions/render, ...); the disaggregated-serving routes it
+    # also registers are never reachable from a job (handler.protocol.REFUSED_ROUTES)
+    argv.append("--enable-scale-out")
     if connector is not None:
         argv += ["--kv-transfer-config", json.dumps(connector)]
     return argv
@@ -112,6 +159,11 @@ def passthrough_args(
     if connector:
         owned["--kv-transfer-config"] = _CONNECTOR_OWNER
     argv: list[str] = []
+    for name in _KEY_VARIABLES:
+        if name in env:
+            raise SettingsError(
+                f"{name}: not for the worker ({_SERVER_FLAGS_REFUSED['--api-key']})"
+            )
     for name in sorted(env):
         flag = "--" + name.lower().replace("_", "-")
         action = actions.get(flag)
@@ -119,6 +171,13 @@ def passthrough_args(
             continue
         if flag in owned:
             raise SettingsError(f"{name}: set {owned[flag]} instead")
+        if flag in _SERVER_FLAGS_REFUSED:
+            raise SettingsError(f"{name}: not for the worker ({_SERVER_FLAGS_REFUSED[flag]})")
+        if flag in _SERVER_FLAGS_IGNORED:
+            log.warning(
+                "%s ignored: it configures vLLM's HTTP server, which the worker does not run", name
+            )
+            continue
         argv += _flag_args(name, flag, action, env[name])
     return argv
 
@@ -156,8 +215,44 @@ def build_args(
             _parse(parser, base + one, f"{name}={settings.engine_passthrough[name]!r}")
             extra += one
     args = _parse(parser, base + extra, "the engine settings")
+    chosen = _parser_args(settings, args)
+    if chosen:
+        args = _parse(parser, base + extra + chosen, "TOOL_CALL_PARSER / REASONING_PARSER")
     validate_parsed_serve_args(args)
     return args
+
+
+def _parser_args(settings: Settings, args: argparse.Namespace) -> list[str]:
+    """The tool and reasoning parser flags: the settings', or those detected from the model's
+    files (:mod:`handler.parsers`) among the parsers this vLLM registers; logged once."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    # plugins register their names on import, as `vllm serve` does before it checks them
+    if args.tool_parser_plugin and len(args.tool_parser_plugin) > 3:
+        ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+    if args.reasoning_parser_plugin and len(args.reasoning_parser_plugin) > 3:
+        ReasoningParserManager.import_reasoning_parser(args.reasoning_parser_plugin)
+    folder: str | None = args.tokenizer or args.model
+    if folder and not Path(folder).is_dir():
+        try:  # a model vLLM will download: its small files only, into the same hub cache
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(
+                folder, revision=args.revision, allow_patterns=list(parsers.MODEL_FILES)
+            )
+        except Exception as exc:  # detection then finds nothing; vLLM reports a real problem
+            log.warning("parsers: cannot read %s's files (%s)", folder, type(exc).__name__)
+            folder = None
+    chosen = parsers.choose(
+        parsers.read_model_files(folder, args.chat_template),
+        settings.tool_call_parser,
+        settings.reasoning_parser,
+        ToolParserManager.list_registered(),
+        ReasoningParserManager.list_registered(),
+    )
+    log.info("parsers: %s", chosen.describe())
+    return parsers.flags(chosen, settings.enable_auto_tool_choice)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str], what: str) -> argparse.Namespace:
@@ -192,7 +287,7 @@ class VllmEngine:
         on_dead: Callable[[], None],
     ) -> None:
         self._loop, self._thread = loop, thread
-        self._client, self._state, self._stack = opened.client, opened.state, opened.stack
+        self._client, self._app, self._stack = opened.client, opened.app, opened.stack
         self._info = opened.info
         self._on_dead = on_dead
         self._dead = False
@@ -245,13 +340,66 @@ class VllmEngine:
     def running_requests(self) -> int:
         return int(self._client.get_num_unfinished_requests())
 
+    def routes(self) -> list[tuple[str, str]]:
+        """(method, path) of every route vLLM's app registered for this model."""
+        return [
+            (method, route.path)
+            for route in self._app.routes
+            for method in sorted(getattr(route, "methods", None) or {"*"})
+        ]
+
     async def serve(self, call: EngineCall) -> EngineReply:
         if self.dead:
             raise EngineDead()
-        reply = await self._on_engine_loop(self._create(call))
-        if isinstance(reply, dict):
-            return reply
-        return self._relay(reply, call)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def deliver(item: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        exchange = _Exchange(self._app, call, deliver)
+        running = asyncio.run_coroutine_threadsafe(exchange.run(), self._loop)
+        ended = False
+        try:
+            start = await _next(queue)
+            if not isinstance(start, _Start):
+                raise TypeError("vLLM's app answered without a response start")
+            if start.events:
+                ended = True  # the stream's reader takes over
+                return self._events(queue, exchange, running)
+            body = await _next(queue)
+            ended = True
+        finally:
+            if not ended:
+                await self._leave(exchange, running)
+        return _answer(start, body if isinstance(body, bytes) else b"")
+
+    async def _events(
+        self, queue: asyncio.Queue[object], exchange: _Exchange, running: Future[None]
+    ) -> AsyncIterator[str]:
+        """The SSE events of a streamed answer; leaving early disconnects the request, which
+        makes vLLM abort it."""
+        ended = False
+        try:
+            while (item := await _next(queue)) is not END:
+                yield item  # type: ignore[misc]
+            ended = True
+        finally:
+            if not ended:
+                await self._leave(exchange, running)
+
+    async def _leave(self, exchange: _Exchange, running: Future[None]) -> None:
+        """The caller has gone: tell vLLM's app the client disconnected (it aborts the engine
+        request), and cancel the call if it has not ended soon after."""
+        self._loop.call_soon_threadsafe(exchange.disconnect)
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), _LEAVE_S)
+        except TimeoutError:
+            running.cancel()
+        except Exception:  # the call's own failure: nobody is waiting for it any more
+            log.debug("request %s ended with an error after its caller left", exchange.id)
+        log.info("request %s: caller left; vLLM aborted it", exchange.id)
 
     def shutdown(self) -> None:
         """Stop the engine core processes and the loop thread; safe to call twice."""
@@ -265,62 +413,6 @@ class VllmEngine:
         _reap(self._processes)
         log.info("engine stopped")
 
-    async def _on_engine_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
-
-    async def _create(self, call: EngineCall) -> dict[str, Any] | AsyncIterator[str]:
-        """Runs on the engine loop: validate with vLLM's request model, then call its server."""
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-        if call.route == "/v1/models":
-            listing = await self._state.openai_serving_models.show_available_models()
-            return dict(listing.model_dump(mode="json"))
-        endpoint = _endpoint(self._state, call.route)
-        try:
-            request = endpoint.validator.validate_python(dict(call.body))
-        except ValidationError as exc:
-            raise from_validation_error(exc) from None
-        except (TypeError, ValueError) as exc:  # raised by some of vLLM's "before" validators
-            raise InvalidRequest(f"malformed request: {exc}") from None
-        try:
-            result = await endpoint.create(request, None)
-        except Exception as exc:  # vLLM raises what its HTTP layer would turn into an error
-            result = create_error_response(exc)
-        if isinstance(result, ErrorResponse):
-            raise engine_error(result.error.model_dump())
-        return _plain(result, by_alias=endpoint.by_alias)
-
-    async def _relay(self, events: AsyncIterator[str], call: EngineCall) -> AsyncIterator[str]:
-        """Carry a stream from the engine loop to the caller's loop; abort it if left early."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-
-        def deliver(item: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        pumping = asyncio.run_coroutine_threadsafe(pump(events, deliver), self._loop)
-        ended = False
-        try:
-            while (item := await queue.get()) is not END:
-                if isinstance(item, Failure):
-                    ended = True
-                    raise item.exc
-                yield item  # type: ignore[misc]
-            ended = True
-        finally:
-            if not ended:
-                await self._abort(pumping, call)
-
-    async def _abort(self, pumping: Future[None], call: EngineCall) -> None:
-        pumping.cancel()
-        ids = [f"{prefix}{call.request_id}" for prefix in ("chatcmpl-", "cmpl-", "resp_")]
-        done = asyncio.run_coroutine_threadsafe(self._client.abort(ids), self._loop)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), timeout=5)
-        log.info("aborted engine request %s", call.request_id)
-
     async def _watch_health(self) -> None:
         while not self._closed:
             await asyncio.sleep(_HEALTH_POLL_S)
@@ -332,78 +424,137 @@ class VllmEngine:
 
 
 @dataclass(frozen=True)
-class _Endpoint:
-    validator: TypeAdapter[Any]  # vLLM's request model (some are unions: a TypeAdapter each)
-    create: Callable[..., Any]  # vLLM's serving method: (request, raw_request) -> response
-    by_alias: bool = False  # the Responses API's models dump by alias, as vLLM's server does
+class _Start:
+    status: int
+    events: bool  # a text/event-stream body (delivered event by event), else one whole body
+    json: bool  # an application/json body
 
 
-# route -> (vLLM serving object on the app state, its method, what the route is for)
-_SERVING: dict[str, tuple[str, str, str]] = {
-    "/v1/chat/completions": ("openai_serving_chat", "create_chat_completion", "chat completions"),
-    "/v1/completions": ("openai_serving_completion", "create_completion", "text completions"),
-    "/v1/embeddings": ("serving_embedding", "__call__", "embeddings"),
-    "/v1/tokenize": ("serving_tokenization", "create_tokenize", "tokenizing"),
-    "/v1/detokenize": ("serving_tokenization", "create_detokenize", "detokenizing"),
-    "/v1/responses": ("openai_serving_responses", "create_responses", "the Responses API"),
-}
-
-
-@functools.cache
-def _request_model(route: Route) -> TypeAdapter[Any]:
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
-
-    models: dict[str, Any] = {
-        "/v1/chat/completions": ChatCompletionRequest,
-        "/v1/completions": CompletionRequest,
-        "/v1/embeddings": EmbeddingRequest,
-        "/v1/tokenize": TokenizeRequest,
-        "/v1/detokenize": DetokenizeRequest,
-        "/v1/responses": ResponsesRequest,
-    }
-    return TypeAdapter(models[route])
-
-
-def _endpoint(state: Any, route: Route) -> _Endpoint:
-    """vLLM's request model and serving method for a route; NotFound if this model has none."""
-    attribute, method, what = _SERVING[route]
-    serving = getattr(state, attribute, None)
-    if serving is None:
-        raise NotFound(f"the served model does not support {what} ({route})")
-    return _Endpoint(
-        _request_model(route), getattr(serving, method), by_alias=route == "/v1/responses"
+def _answer(start: _Start, body: bytes) -> dict[str, Any]:
+    """A whole answer of vLLM's app as a JSON object; an error status raises EngineError."""
+    try:
+        answer = json.loads(body) if start.json and body.strip() else None
+    except ValueError:
+        answer = None
+    if start.status >= 400:
+        raise EngineError.from_answer(start.status, answer)
+    if isinstance(answer, dict):
+        return answer
+    if start.json:
+        raise EngineError("The engine answered with JSON that is not an object.", status=500)
+    raise InvalidRequest(  # embeddings' "bytes" encoding, the one binary answer of the API
+        "binary answers cannot travel in a JSON job; use encoding_format 'float' or 'base64'",
+        param="encoding_format",
     )
 
 
-def _plain(result: Any, by_alias: bool = False) -> dict[str, Any] | AsyncIterator[str]:
-    """vLLM's answer as a JSON-safe dict, or a stream of SSE text."""
-    from starlette.responses import JSONResponse, Response
-
-    if isinstance(result, BaseModel):
-        return dict(result.model_dump(mode="json", by_alias=by_alias))
-    if isinstance(result, JSONResponse):
-        return dict(json.loads(bytes(result.body)))
-    if isinstance(result, Response):  # a binary body (embeddings' "bytes" encodings)
-        raise InvalidRequest(
-            "binary answers cannot travel in a JSON job; use encoding_format 'float' or 'base64'",
-            param="encoding_format",
-        )
-    return _sse(result)
+async def _next(queue: asyncio.Queue[object]) -> object:
+    item = await queue.get()
+    if isinstance(item, Failure):
+        raise item.exc
+    return item
 
 
-async def _sse(events: AsyncIterator[Any]) -> AsyncIterator[str]:
-    """SSE text as vLLM's server sends it: chat and completion streams are text already; the
-    Responses API streams event objects, framed with their ``event:`` type."""
-    async for event in events:
-        if isinstance(event, str):
-            yield event
-        else:
-            data = event.model_dump_json(indent=None, by_alias=True)
-            yield f"event: {getattr(event, 'type', 'message')}\ndata: {data}\n\n"
+class _Exchange:
+    """One request through vLLM's app as an ASGI call, on the engine loop.
+
+    What the app sends is handed to ``deliver``: a :class:`_Start`, then either the whole JSON
+    body (bytes) or each SSE event (str, cut at event boundaries, so no event and no UTF-8
+    character is split), then END; or a :class:`Failure`. ``disconnect`` makes the app's next
+    ``receive`` report that the client left, which is how vLLM learns to abort a request."""
+
+    def __init__(self, app: Any, call: EngineCall, deliver: Callable[[object], None]) -> None:
+        self.id = call.request_id
+        self._app, self._call, self._deliver = app, call, deliver
+        self._left = asyncio.Event()
+        self._body = b"" if call.body is None else json.dumps(call.body).encode()
+        self._body_sent = False
+        self._events: bool | None = None  # unknown until the response starts
+        self._pending = bytearray()
+        self._done = False
+
+    def disconnect(self) -> None:
+        self._left.set()
+
+    async def run(self) -> None:
+        try:
+            await self._app(self._scope(), self._receive, self._send)
+        except Exception as exc:
+            # Starlette re-raises an unhandled error after it has sent its 500 answer
+            if not self._done:
+                self._deliver(Failure(exc))
+                self._done = True
+            else:
+                log.debug("request %s: %s after the answer", self.id, type(exc).__name__)
+        if not self._done:  # the app returned without finishing (the client left)
+            self._deliver(END)
+
+    def _scope(self) -> dict[str, Any]:
+        headers = [(b"x-request-id", self._call.request_id.encode())]
+        if self._call.body is not None:
+            headers += [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(self._body)).encode()),
+            ]
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": self._call.method,
+            "scheme": "http",
+            "path": self._call.route,
+            "raw_path": self._call.route.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": headers,
+            "client": ("127.0.0.1", 0),
+            "server": ("127.0.0.1", 0),
+            "state": {},
+        }
+
+    async def _receive(self) -> dict[str, Any]:
+        if not self._body_sent:
+            self._body_sent = True
+            return {"type": "http.request", "body": self._body, "more_body": False}
+        await self._left.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: Mapping[str, Any]) -> None:
+        if self._done:
+            return
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers") or [])
+            kind = headers.get(b"content-type", b"")
+            self._events = kind.startswith(b"text/event-stream")
+            self._deliver(
+                _Start(int(message["status"]), self._events, kind.startswith(b"application/json"))
+            )
+            return
+        if message["type"] != "http.response.body":
+            return
+        self._pending += message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        if self._events:
+            for event in _cut_events(self._pending, final=not more):
+                self._deliver(event)
+        elif not more:
+            self._deliver(bytes(self._pending))
+        if not more:
+            self._done = True
+            self._deliver(END)
+
+
+def _cut_events(pending: bytearray, final: bool) -> list[str]:
+    """The whole SSE events at the front of ``pending`` (removed from it); at the end of the
+    body, whatever is left too."""
+    end = pending.rfind(b"\n\n")
+    if final:
+        end = len(pending) - 2
+    if end < 0:
+        return []
+    head = bytes(pending[: end + 2])
+    del pending[: end + 2]
+    return [event + "\n\n" for event in head.decode().split("\n\n") if event.strip()]
 
 
 def _keeps_kv_cache(args: argparse.Namespace) -> bool:
@@ -454,27 +605,28 @@ def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
 @dataclass(frozen=True)
 class _Opened:
     client: Any  # vLLM's AsyncLLM
-    state: Any  # the app state `vllm serve` builds: its OpenAI serving objects
+    app: Any  # the FastAPI app `vllm serve` runs, its state filled in
     stack: contextlib.AsyncExitStack
     info: ModelInfo
 
 
 async def _open(args: argparse.Namespace) -> _Opened:
-    """Runs on the engine loop: AsyncLLM, then vLLM's OpenAI serving objects, as `vllm serve`."""
-    from starlette.datastructures import State
+    """Runs on the engine loop: AsyncLLM, then vLLM's own app over it, as `vllm serve` builds
+    them (without its HTTP server)."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
 
     stack = contextlib.AsyncExitStack()
     try:
         client = await stack.enter_async_context(build_async_engine_client(args))
-        state = State()
         tasks = await client.get_supported_tasks()
-        await init_app_state(client, state, args, tasks)
+        app = build_app(args, tasks, client.model_config)
+        await init_app_state(client, app.state, args, tasks)
     except BaseException:
         await stack.aclose()
         raise
-    return _Opened(client, state, stack, _model_info(client.model_config, args, tasks))
+    return _Opened(client, app, stack, _model_info(client.model_config, args, tasks))
 
 
 def _model_info(config: Any, args: argparse.Namespace, tasks: Any) -> ModelInfo:

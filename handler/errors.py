@@ -5,7 +5,7 @@ The tree::
     WorkerError                 status, type, param; message safe to show a client
     ├── InvalidRequest          400 BadRequestError: the job or its request does not validate
     ├── NotFound                404 NotFoundError: unknown route or model
-    ├── EngineError             an error answer from the engine, status and type as it gave them
+    ├── EngineError             an error answer from vLLM's server, passed on as it gave it
     └── EngineDead              503 ServiceUnavailableError: the engine process is gone
 
 Out: :func:`error_body` gives ``{"error": {"message", "type", "param", "code"}}`` with ``code`` the
@@ -54,7 +54,36 @@ class NotFound(WorkerError):
 
 
 class EngineError(WorkerError):
-    """An error response from the engine's OpenAI layer."""
+    """An error answer from vLLM's server, with its HTTP status; ``body`` is the answer as vLLM
+    gave it (OpenAI's error object, or Anthropic's for the Messages API), passed on unchanged
+    but for a sanitized message and ``code``, which is always the HTTP status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int | None = None,
+        type: str | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, status=status, type=type)
+        self.body = body
+
+    @classmethod
+    def from_answer(cls, status: int, body: Any) -> EngineError:
+        """An error answer of vLLM's app: its status and JSON body (of any shape)."""
+        info = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(info, dict):
+            return cls(f"The engine answered with status {status}.", status=status)
+        param = info.get("param")
+        return cls(
+            str(info.get("message") or f"The engine answered with status {status}."),
+            param=param if isinstance(param, str) else None,
+            status=status,
+            type=str(info.get("type") or "InternalServerError"),
+            body=body,
+        )
 
 
 class EngineDead(WorkerError):
@@ -121,6 +150,9 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     """Any exception as OpenAI's error object; unknown exceptions become a bland 500."""
     if isinstance(exc, ValidationError):
         exc = from_validation_error(exc)
+    if isinstance(exc, EngineError) and exc.body is not None:
+        info = {**exc.body["error"], "message": sanitize(exc.message), "code": exc.status}
+        return {**exc.body, "error": info}
     if isinstance(exc, WorkerError):
         message, etype, param, status = exc.message, exc.type, exc.param, exc.status
     else:

@@ -1,30 +1,34 @@
 """The job contract and the engine interface.
 
-In: a RunPod job's ``input``, in one of three shapes:
+In: a RunPod job's ``input``, in one of four shapes:
 
 * the OpenAI route, as RunPod's ``/openai/v1`` proxy sends it:
-  ``{"openai_route": "/v1/chat/completions", "openai_input": {...OpenAI request...}}``
-  (``/v1/models`` comes with an empty or missing ``openai_input``);
+  ``{"openai_route": "/v1/chat/completions", "openai_input": {...request body...}}``; any public
+  route of vLLM's server (:data:`PUBLIC_ROUTES`: chat, completions, Responses, Anthropic Messages,
+  embeddings, pooling, score, rerank, tokenize, render, ...). A GET route (``/v1/models``,
+  ``/v1/models/{id}``) comes with an empty or missing ``openai_input``;
 * the native shape, for ``/run`` and ``/runsync`` callers: ``{"messages": [...]}`` (chat),
   ``{"prompt": "..."}`` (completion) or ``{"input": ...}`` (embeddings), with optional
   ``sampling_params`` (any other field of the OpenAI request, by its OpenAI name), ``tools``,
   ``tool_choice``, ``stream`` and ``model``;
+* the native generic form: ``{"route": "/v1/rerank", "body": {...}}``, any public route;
 * a native batch: ``{"requests": [native job, ...]}``, run concurrently, answered in order.
 
-Out: an :class:`EngineCall` (route, OpenAI request body, request id) and the :class:`Shape` the
-answer must take. The body itself is validated by the engine against vLLM's own request models.
+Out: an :class:`EngineCall` (path, method, request body, request id) and the :class:`Shape` the
+answer must take. The body itself is validated by vLLM's own app.
 
 Errors: :class:`~handler.errors.InvalidRequest` (400) for a malformed envelope,
-:class:`~handler.errors.NotFound` (404) for an unknown route.
+:class:`~handler.errors.NotFound` (404) for a route that is not public (administrative and
+development routes of vLLM's server are never reachable from a job).
 """
 
 from __future__ import annotations
 
 import enum
-import typing
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,20 +36,114 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from handler.errors import InvalidRequest, NotFound, from_validation_error
 from handler.settings import Settings
 
-Route = Literal[
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/models",
-    "/v1/embeddings",
-    "/v1/tokenize",
-    "/v1/detokenize",
-    "/v1/responses",
-]
-ROUTES: tuple[Route, ...] = typing.get_args(Route)
-# Routes whose request carries the engine request id (tokenizing runs no engine request).
-_TRACKED: frozenset[str] = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"}
-)
+Method = Literal["GET", "POST"]
+
+# The routes of vLLM's server a job may call, with their method: its public inference API. Any
+# other route it registers is refused (REFUSED_ROUTES says why, for each one vLLM 0.32 has; a test
+# walks the app's routes and fails on one that is in neither table). A route the served model does
+# not have (rerank on a generating model) is a 404 from the app itself.
+PUBLIC_ROUTES: dict[str, Method] = {
+    "/v1/models": "GET",
+    "/v1/models/{model_id}": "GET",  # answered by the worker from /v1/models (vLLM 0.32 has none)
+    "/v1/chat/completions": "POST",
+    "/v1/chat/completions/batch": "POST",
+    "/v1/chat/completions/render": "POST",
+    "/v1/completions": "POST",
+    "/v1/completions/render": "POST",
+    "/v1/responses": "POST",
+    "/v1/responses/render": "POST",
+    "/v1/responses/{response_id}": "GET",
+    "/v1/responses/{response_id}/cancel": "POST",
+    "/v1/messages": "POST",
+    "/v1/messages/count_tokens": "POST",
+    "/v1/messages/render": "POST",
+    "/v1/systemone": "POST",
+    "/generative_scoring": "POST",
+    "/tokenize": "POST",
+    "/detokenize": "POST",
+    "/v1/embeddings": "POST",
+    "/v2/embed": "POST",
+    "/pooling": "POST",
+    "/classify": "POST",
+    "/score": "POST",
+    "/v1/score": "POST",
+    "/rerank": "POST",
+    "/v1/rerank": "POST",
+    "/v2/rerank": "POST",
+}
+_SERVER = "part of vLLM's HTTP server, not of its inference API"
+_ADMIN = "administrative: changes or inspects the engine for every caller"
+_SCALE_OUT = "internal to vLLM's disaggregated serving"
+REFUSED_ROUTES: dict[str, str] = {
+    **dict.fromkeys(
+        ["/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/health", "/ping"], _SERVER
+    ),
+    **dict.fromkeys(["/metrics", "/load", "/version", "/kv_event_sources"], _SERVER),
+    "/invocations": "SageMaker's entry point; call the route itself",
+    **dict.fromkeys(
+        [
+            "/inference/v1/generate",
+            "/inference/v1/abort_requests",
+            "/abort_requests",
+            "/v1/chat/completions/derender",
+            "/v1/completions/derender",
+        ],
+        _SCALE_OUT,
+    ),
+    **dict.fromkeys(
+        ["/v1/audio/transcriptions", "/v1/audio/translations"],
+        "takes a multipart audio upload, which a JSON job cannot carry",
+    ),
+    "/v1/realtime": "a WebSocket, which a job cannot carry",
+    **dict.fromkeys(
+        [
+            "/scale_elastic_ep",
+            "/is_scaling_elastic_ep",
+            "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+            "/start_profile",
+            "/stop_profile",
+            "/server_info",
+            "/reset_prefix_cache",
+            "/reset_mm_cache",
+            "/reset_encoder_cache",
+            "/collective_rpc",
+            "/sleep",
+            "/wake_up",
+            "/is_sleeping",
+            "/release_kv_cache_memory",
+            "/tokenizer_info",
+            "/pause",
+            "/resume",
+            "/is_paused",
+            "/init_weight_transfer_engine",
+            "/shutdown_weight_transfer_engine",
+            "/start_weight_update",
+            "/start_draft_weight_update",
+            "/update_weights",
+            "/finish_weight_update",
+            "/update_weight_version",
+            "/weight_info",
+            "/weight_checker",
+            "/get_world_size",
+            "/fault_tolerance/apply",
+            "/fault_tolerance/status",
+        ],
+        _ADMIN,
+    ),
+}
+# Older names of routes, kept so that jobs written for them keep working.
+ROUTE_ALIASES: dict[str, str] = {"/v1/tokenize": "/tokenize", "/v1/detokenize": "/detokenize"}
+ROUTES: tuple[str, ...] = tuple(PUBLIC_ROUTES)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """A route template as a regex; a model id may hold slashes (``org/model``)."""
+    regex = re.escape(template).replace(r"\{model_id\}", ".+")
+    return re.compile("^" + re.sub(r"\\\{\w+\\\}", "[^/]+", regex) + "$")
+
+
+_PATTERNS = [(_pattern(template), template) for template in PUBLIC_ROUTES]
 
 
 class Shape(enum.Enum):
@@ -57,13 +155,17 @@ class Shape(enum.Enum):
 
 @dataclass(frozen=True)
 class EngineCall:
-    route: Route
-    body: Mapping[str, Any] = field(default_factory=dict)
+    """One request to vLLM's server: a path of :data:`PUBLIC_ROUTES` (placeholders filled in),
+    its method, its JSON body (None for a GET) and the request id vLLM is to use."""
+
+    route: str
+    body: Mapping[str, Any] | None = None
     request_id: str = ""
+    method: Method = "POST"
 
     @property
     def stream(self) -> bool:
-        return bool(self.body.get("stream"))
+        return bool((self.body or {}).get("stream"))
 
 
 @dataclass(frozen=True)
@@ -154,15 +256,30 @@ class NativeBatch(BaseModel):
     requests: list[dict[str, Any]] = Field(min_length=1)
 
 
-def parse_job(job_input: Any) -> OpenAIRouteJob | NativeJob | NativeBatch:
-    """Validate a job's input into one of the three shapes."""
+class NativeRoute(BaseModel):
+    """Any public route for ``/run`` callers: the path and the request body, as the OpenAI route
+    carries them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    route: str
+    body: dict[str, Any] | None = None
+
+
+ParsedJob = OpenAIRouteJob | NativeJob | NativeBatch | NativeRoute
+
+
+def parse_job(job_input: Any) -> ParsedJob:
+    """Validate a job's input into one of the four shapes."""
     if not isinstance(job_input, dict):
         raise InvalidRequest("job input must be a JSON object", param="input")
-    model: type[OpenAIRouteJob | NativeJob | NativeBatch] = NativeJob
+    model: type[ParsedJob] = NativeJob
     if "openai_route" in job_input:
         model = OpenAIRouteJob
     elif "requests" in job_input:
         model = NativeBatch
+    elif "route" in job_input:
+        model = NativeRoute
     try:
         return model.model_validate(job_input)
     except ValidationError as exc:
@@ -195,41 +312,55 @@ def batch_items(batch: NativeBatch, settings: Settings) -> list[NativeJob | Inva
 
 
 def to_engine_call(
-    job: OpenAIRouteJob | NativeJob, settings: Settings, job_id: str
+    job: OpenAIRouteJob | NativeJob | NativeRoute, settings: Settings, job_id: str
 ) -> tuple[EngineCall, Shape]:
     """The engine call for a parsed job, and the shape its answer takes."""
     request_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
     if isinstance(job, OpenAIRouteJob):
-        return _openai_call(job, request_id), Shape.OPENAI
+        return route_call(job.openai_route, job.openai_input, request_id), Shape.OPENAI
+    if isinstance(job, NativeRoute):
+        return route_call(job.route, job.body, request_id), Shape.NATIVE
     return _native_call(job, settings, request_id), Shape.NATIVE
 
 
-def _openai_call(job: OpenAIRouteJob, request_id: str) -> EngineCall:
-    route = normalize_route(job.openai_route)
-    body = dict(job.openai_input or {})
-    if route in _TRACKED:
-        # vLLM uses it as the Responses API's response id, which OpenAI's start with resp_
-        body["request_id"] = ("resp_" if route == "/v1/responses" else "") + request_id
+def route_call(raw_route: str, raw_body: Mapping[str, Any] | None, request_id: str) -> EngineCall:
+    """A call of a public route, with the body given (none for a GET route)."""
+    route, method = normalize_route(raw_route)
+    if method == "GET":
+        return EngineCall(route=route, method="GET", request_id=request_id)
+    body = dict(raw_body or {})
+    if route == "/v1/responses":
+        # vLLM takes the Responses API's response id from the body; OpenAI's start with resp_
+        body["request_id"] = "resp_" + request_id
     return EngineCall(route=route, body=body, request_id=request_id)
 
 
-def normalize_route(raw: str) -> Route:
-    """'/v1/chat/completions', 'v1/chat/completions/' and '/chat/completions' are one route."""
-    path = "/" + raw.strip().strip("/")
-    if not path.startswith("/v1/"):
-        path = "/v1" + path
-    for route in ROUTES:
-        if route == path:
-            return route
+def normalize_route(raw: str) -> tuple[str, Method]:
+    """The public route a job names, and its method. '/v1/chat/completions',
+    'v1/chat/completions/' and '/chat/completions' are one route; a route of vLLM's server that
+    is not public, or no route at all, is a 404 that says which."""
+    path = "/" + raw.strip().split("?", 1)[0].strip("/")
+    candidates = [path] if path.startswith("/v1/") else [path, "/v1" + path]
+    for candidate in candidates:
+        candidate = ROUTE_ALIASES.get(candidate, candidate)
+        for pattern, template in _PATTERNS:
+            if pattern.match(candidate):
+                return candidate, PUBLIC_ROUTES[template]
+    shown = raw[:200]
+    if path in REFUSED_ROUTES:
+        raise NotFound(
+            f"route {shown!r} is not available to jobs ({REFUSED_ROUTES[path]})",
+            param="openai_route",
+        )
     raise NotFound(
-        f"unknown openai_route {raw[:200]!r}; supported routes: {', '.join(ROUTES)}",
+        f"unknown route {shown!r}; public routes: {', '.join(PUBLIC_ROUTES)}",
         param="openai_route",
     )
 
 
 def _native_call(job: NativeJob, settings: Settings, request_id: str) -> EngineCall:
     body: dict[str, Any] = dict(job.sampling_params)
-    body.update(model=job.model or settings.model_id, request_id=request_id)
+    body["model"] = job.model or settings.model_id
     if job.input is not None:
         body["input"] = job.input
         return EngineCall(route="/v1/embeddings", body=body, request_id=request_id)

@@ -180,6 +180,25 @@ def parse_events(batch: Iterable[str]) -> list[dict[str, Any]]:
     return out
 
 
+def split_at_error(batch: list[str]) -> tuple[list[str], EngineError | None]:
+    """The events before an error event, and that error (vLLM ends a stream that fails after it
+    started with one: ``data: {"error": {...}}``, or Anthropic's ``event: error``)."""
+    for i, event in enumerate(batch):
+        if '"error"' not in event:  # the key; inside generated text its quotes are escaped
+            continue
+        for line in event.splitlines():
+            data = line[len("data:") :].strip() if line.startswith("data:") else ""
+            if not data.startswith("{"):
+                continue
+            try:
+                value = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and isinstance(value.get("error"), dict):
+                return batch[:i], engine_error(value["error"])
+    return batch, None
+
+
 def usage_in(batch: Iterable[str]) -> dict[str, Any] | None:
     """The ``usage`` object of the batch's last event that has one (only those are parsed)."""
     for event in reversed(list(batch)):

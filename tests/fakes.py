@@ -103,6 +103,12 @@ MODELS = {
 
 
 INFO = ModelInfo(context_length=2048, dtype="bfloat16")
+ENGINE_CORE_ERROR = {
+    "message": "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+    "type": "InternalServerError",
+    "param": None,
+    "code": 500,
+}
 
 
 class FakeEngine:
@@ -110,10 +116,21 @@ class FakeEngine:
 
     model_info = INFO
 
-    def __init__(self, *, fail_after: int | None = None, pause: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        fail_after: int | None = None,
+        pause: float = 0.0,
+        error_event_after: int | None = None,
+        dies_mid_stream: bool = False,
+    ) -> None:
         self.calls: list[EngineCall] = []
         self.closed_early: list[str] = []
         self.fail_after = fail_after
+        # vLLM ends a stream that fails after it started with an error event (a 500 when its
+        # engine core died)
+        self.error_event_after = error_event_after
+        self.dies_mid_stream = dies_mid_stream
         self.pause = pause
         self.is_dead = False
         self.active = 0
@@ -165,6 +182,11 @@ class FakeEngine:
             for i, event in enumerate(events):
                 if self.fail_after is not None and i == self.fail_after:
                     raise RuntimeError("engine exploded at /opt/vllm/core.py line 3")
+                if self.error_event_after is not None and i == self.error_event_after:
+                    self.is_dead = self.dies_mid_stream
+                    yield sse({"error": ENGINE_CORE_ERROR})
+                    yield "data: [DONE]\n\n"
+                    break
                 await asyncio.sleep(self.pause)
                 yield event
             finished = True

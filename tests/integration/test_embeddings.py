@@ -37,6 +37,7 @@ def endpoint(
     env = {
         **worker_env,
         "MODEL_NAME": str(model_dir()),
+        "CHAT_TEMPLATE": "",  # SmolLM2's, from worker_env: unset
         "OPENAI_SERVED_MODEL_NAME_OVERRIDE": MODEL,
         "MAX_MODEL_LEN": "256",
     }
@@ -113,3 +114,16 @@ def test_native_job_and_listing(rp: runpod.Endpoint, client: openai.OpenAI) -> N
     assert caught.value.body["message"] == (  # type: ignore[index]
         "the served model does not support chat completions (/v1/chat/completions)"
     )
+
+
+def test_pooling_route_through_both_shapes(endpoint: LocalEndpoint, rp: runpod.Endpoint) -> None:
+    body = {"model": MODEL, "input": TEXTS[0], "task": "embed"}
+    code, answer = endpoint.call("POST", "/openai/pooling", body)
+    assert code == 200, answer
+    [item] = answer["data"]
+    floats = endpoint.openai().embeddings.create(
+        model=MODEL, input=TEXTS[0], encoding_format="float"
+    )
+    assert np.allclose(item["data"], floats.data[0].embedding, atol=1e-5)
+    [native] = rp.run_sync({"route": "/pooling", "body": body}, timeout=120)
+    assert native["data"] == answer["data"]

@@ -18,6 +18,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
     p.add_argument("--allowed-origins", nargs="+")
+    p.add_argument("--ignore-patterns", nargs="+")
+    p.add_argument("--api-key", nargs="+")
+    p.add_argument("--root-path")
     p.add_argument("--served-model-name", nargs="+")
     return p
 
@@ -27,18 +30,35 @@ def test_variables_become_flags(parser: argparse.ArgumentParser) -> None:
         "TENSOR_PARALLEL_SIZE": "2",
         "ENFORCE_EAGER": "true",
         "ENABLE_PREFIX_CACHING": "false",
-        "ALLOWED_ORIGINS": "a b",
+        "IGNORE_PATTERNS": "a b",
         "NOT_A_FLAG": "1",
     }
     assert passthrough_args(parser, env) == [
-        "--allowed-origins",
-        "a",
-        "b",
         "--no-enable-prefix-caching",
         "--enforce-eager",
+        "--ignore-patterns",
+        "a",
+        "b",
         "--tensor-parallel-size",
         "2",
     ]
+
+
+@pytest.mark.parametrize("name", ["API_KEY", "VLLM_API_KEY", "ROOT_PATH"])
+def test_server_flags_that_would_break_the_worker_stop_it(
+    parser: argparse.ArgumentParser, name: str
+) -> None:
+    with pytest.raises(SettingsError, match=f"^{name}: not for the worker "):
+        passthrough_args(parser, {name: "x", "ENFORCE_EAGER": "true"})
+
+
+def test_other_server_flags_are_ignored_with_a_warning(
+    parser: argparse.ArgumentParser, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert passthrough_args(parser, {"ALLOWED_ORIGINS": "a b", "ENFORCE_EAGER": "1"}) == [
+        "--enforce-eager"
+    ]
+    assert "ALLOWED_ORIGINS ignored" in caplog.text
 
 
 def test_false_store_true_flag_is_left_out(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +98,7 @@ def test_owned_args() -> None:
         "--kv-cache-memory-bytes",
         str(int(1.5 * 2**30)),
         "--enable-prompt-tokens-details",
+        "--enable-scale-out",
     ]
 
 
@@ -91,6 +112,7 @@ def test_lora_modules_enable_lora_with_one_slot_per_adapter() -> None:
         "sql=/a/sql",
         "chat=org/chat-lora",
         "--enable-prompt-tokens-details",
+        "--enable-scale-out",
     ]
     as_json = '[{"name": "sql", "path": "/a/sql", "base_model_name": "m"}]'
     s = load_settings({"MODEL_NAME": "/m", "LORA_MODULES": as_json})

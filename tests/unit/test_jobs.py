@@ -12,8 +12,17 @@ from runpod.serverless.modules import rp_job
 
 from handler.jobs import make_handler
 from handler.model_card import describe_models
+from handler.protocol import ROUTES
 from handler.settings import Settings
-from tests.fakes import MODELS, TEXT, FakeEngine, chat_events, chat_response, completion_events
+from tests.fakes import (
+    ENGINE_CORE_ERROR,
+    MODELS,
+    TEXT,
+    FakeEngine,
+    chat_events,
+    chat_response,
+    completion_events,
+)
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Capital of France?"}]}
 
@@ -180,6 +189,69 @@ async def test_failure_mid_stream_fails_the_job_without_leaking(settings: Settin
     assert len(outputs) == 4
 
 
+async def test_an_error_event_fails_the_job_after_what_came_before(settings: Settings) -> None:
+    engine = FakeEngine(error_event_after=3)
+    job = {"openai_route": "/v1/chat/completions", "openai_input": {**CHAT, "stream": True}}
+    dead: list[str] = []
+    outputs = await run(engine, settings, job, dead)
+    assert outputs[:3] == chat_events(engine.calls[0])[:3]
+    assert error_of(outputs[3]) == ENGINE_CORE_ERROR
+    assert len(outputs) == 4 and dead == []
+
+
+@pytest.mark.parametrize("native", [False, True])
+async def test_engine_death_mid_stream_is_a_503(settings: Settings, native: bool) -> None:
+    engine = FakeEngine(error_event_after=2, dies_mid_stream=True)
+    job: dict[str, Any] = {"messages": CHAT["messages"], "stream": True}
+    if not native:
+        job = {"openai_route": "/v1/chat/completions", "openai_input": {**CHAT, "stream": True}}
+    dead: list[str] = []
+    outputs = await run(engine, settings, job, dead)
+    assert len(outputs) == 3 and dead == ["dead"]
+    assert error_of(outputs[2]) == {
+        "message": "The inference engine has stopped; this worker is shutting down and the job "
+        "should be retried on another worker.",
+        "type": "ServiceUnavailableError",
+        "param": None,
+        "code": 503,
+    }
+
+
+async def test_a_model_card_by_id(engine: FakeEngine, settings: Settings) -> None:
+    [card] = await run(engine, settings, {"openai_route": "/v1/models/fake-model"})
+    assert card == describe_models(MODELS, settings, engine.model_info)["data"][0]
+    [missing] = await run(engine, settings, {"route": "/v1/models/gpt-9"})
+    assert error_of(missing) == {
+        "message": "The model `gpt-9` does not exist.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
+
+
+async def test_the_native_generic_form_calls_the_route(
+    engine: FakeEngine, settings: Settings
+) -> None:
+    [answer] = await run(engine, settings, {"route": "/v1/chat/completions", "body": CHAT})
+    assert answer == chat_response(engine.calls[0])
+    assert (engine.calls[0].route, dict(engine.calls[0].body or {})) == (
+        "/v1/chat/completions",
+        CHAT,
+    )
+
+
+@pytest.mark.parametrize(
+    "job_input", [{"route": "/sleep"}, {"openai_route": "/collective_rpc", "openai_input": {}}]
+)
+async def test_administrative_routes_are_404s(
+    engine: FakeEngine, settings: Settings, job_input: dict[str, Any]
+) -> None:
+    [output] = await run(engine, settings, job_input)
+    error = error_of(output)
+    assert (error["code"], error["type"]) == (404, "NotFoundError")
+    assert "is not available to jobs" in error["message"] and engine.calls == []
+
+
 async def test_dead_engine_fails_the_job_and_reports(settings: Settings) -> None:
     engine = FakeEngine()
     engine.is_dead = True
@@ -255,9 +327,7 @@ async def test_runpod_fails_the_job_with_the_json_error(
     assert is_stream and list(result) == ["error"]
     assert json.loads(result["error"]) == {
         "error": {
-            "message": "unknown openai_route '/v2/nothing'; supported routes: "
-            "/v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, "
-            "/v1/tokenize, /v1/detokenize, /v1/responses",
+            "message": "unknown route '/v2/nothing'; public routes: " + ", ".join(ROUTES),
             "type": "NotFoundError",
             "param": "openai_route",
             "code": 404,

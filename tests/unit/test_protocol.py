@@ -31,8 +31,8 @@ def test_openai_route_job(settings: Settings) -> None:
         "model": "m",
         "messages": [],
         "stream": True,
-        "request_id": call.request_id,
     }
+    assert call.method == "POST"
 
 
 @pytest.mark.parametrize("openai_input", [None, {}])
@@ -42,7 +42,25 @@ def test_models_route_without_input(
     call, shape = to_engine_call(
         parse_job({"openai_route": "/v1/models", "openai_input": openai_input}), settings, "j"
     )
-    assert (call.route, dict(call.body), shape) == ("/v1/models", {}, Shape.OPENAI)
+    assert (call.route, call.method, call.body, shape) == (
+        "/v1/models",
+        "GET",
+        None,
+        Shape.OPENAI,
+    )
+
+
+def test_native_generic_form_reaches_any_public_route(settings: Settings) -> None:
+    body = {"model": "m", "query": "q", "documents": ["a"]}
+    call, shape = to_engine_call(parse_job({"route": "/v1/rerank", "body": body}), settings, "j")
+    assert (call.route, call.method, dict(call.body or {}), shape) == (
+        "/v1/rerank",
+        "POST",
+        body,
+        Shape.NATIVE,
+    )
+    retrieve, _ = to_engine_call(parse_job({"route": "/v1/models/org/name"}), settings, "j")
+    assert (retrieve.route, retrieve.method, retrieve.body) == ("/v1/models/org/name", "GET", None)
 
 
 def test_native_chat_gets_defaults(settings: Settings) -> None:
@@ -61,7 +79,6 @@ def test_native_chat_gets_defaults(settings: Settings) -> None:
         "stream_options": {"include_usage": True},
         "model": "fake-model",
         "stream": True,
-        "request_id": call.request_id,
         "messages": [{"role": "user", "content": "hi"}],
     }
 
@@ -76,7 +93,6 @@ def test_native_prompt_keeps_given_max_tokens(settings: Settings) -> None:
         "max_completion_tokens": 5,
         "model": "other",
         "stream": False,
-        "request_id": call.request_id,
         "prompt": "Once",
     }
 
@@ -120,20 +136,35 @@ def test_malformed_jobs_are_400(job_input: object, param: str) -> None:
         ("v1/completions/", "/v1/completions"),
         ("/models", "/v1/models"),
         (" /v1/models ", "/v1/models"),
+        ("/v1/tokenize", "/tokenize"),
+        ("tokenize", "/tokenize"),
+        ("/rerank", "/rerank"),
+        ("/v2/rerank", "/v2/rerank"),
+        ("/messages", "/v1/messages"),
+        ("/v1/responses/resp_1/cancel", "/v1/responses/resp_1/cancel"),
     ],
 )
 def test_route_spellings(raw: str, route: str) -> None:
-    assert normalize_route(raw) == route
+    assert normalize_route(raw)[0] == route
 
 
-def test_unknown_route_lists_the_supported_ones() -> None:
+def test_unknown_route_lists_the_public_ones() -> None:
     with pytest.raises(NotFound) as caught:
         normalize_route("/v1/images/generations")
-    assert caught.value.message == (
-        "unknown openai_route '/v1/images/generations'; supported routes: "
-        "/v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, /v1/tokenize, "
-        "/v1/detokenize, /v1/responses"
+    assert caught.value.message.startswith(
+        "unknown route '/v1/images/generations'; public routes: /v1/models, "
+        "/v1/models/{model_id}, /v1/chat/completions, "
     )
+    assert caught.value.param == "openai_route"
+
+
+@pytest.mark.parametrize(
+    "raw", ["/sleep", "/collective_rpc", "/v1/load_lora_adapter", "/reset_prefix_cache", "metrics"]
+)
+def test_administrative_routes_are_refused(raw: str) -> None:
+    with pytest.raises(NotFound) as caught:
+        normalize_route(raw)
+    assert caught.value.message.startswith(f"route {raw!r} is not available to jobs (")
 
 
 def test_job_models_are_distinct_types() -> None:
@@ -156,7 +187,6 @@ def test_native_tools_and_structured_outputs(settings: Settings) -> None:
         "structured_outputs": {"choice": ["a", "b"]},
         "logprobs": True,
         "model": "fake-model",
-        "request_id": call.request_id,
         "max_tokens": 100,
         "stream": False,
         "tools": tools,
@@ -172,22 +202,21 @@ def test_native_embeddings(settings: Settings) -> None:
     assert dict(call.body) == {
         "encoding_format": "base64",
         "model": "fake-model",
-        "request_id": call.request_id,
         "input": ["a", "b"],
     }
 
 
 @pytest.mark.parametrize(
     ("route", "tracked"),
-    [("/v1/tokenize", False), ("/v1/detokenize", False), ("/v1/responses", True)],
+    [("/v1/tokenize", False), ("/v1/chat/completions", False), ("/v1/responses", True)],
 )
-def test_request_id_only_where_an_engine_request_runs(
+def test_request_id_in_the_body_only_for_the_responses_api(
     settings: Settings, route: str, tracked: bool
 ) -> None:
     call, _ = to_engine_call(
         parse_job({"openai_route": route, "openai_input": {"model": "m"}}), settings, "j"
     )
-    assert ("request_id" in call.body) is tracked
+    assert ("request_id" in (call.body or {})) is tracked
     if route == "/v1/responses":
         assert call.body["request_id"] == "resp_" + call.request_id
 
