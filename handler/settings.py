@@ -34,6 +34,12 @@ TELEMETRY_OFF: dict[str, str] = {
 # vLLM limits a request's `n` to 16384 by default; one request with n=4096 held a CPU worker for
 # over a minute. OpenAI's API takes at most 128. Also applied with setdefault.
 ENGINE_LIMITS: dict[str, str] = {"VLLM_MAX_N_SEQUENCES": "128"}
+# vLLM's get_ip() learns the host's address with a UDP connect() to 8.8.8.8:80 at every engine
+# start unless VLLM_HOST_IP is set; a single-node engine talks to itself only, on loopback.
+# Applied with setdefault, and not for a multi-node engine (see single_node).
+LOOPBACK_HOST: dict[str, str] = {"VLLM_HOST_IP": "127.0.0.1"}
+# Variables that mean the engine spans hosts, so its address must be the host's.
+_MULTI_NODE = ("MASTER_ADDR", "DATA_PARALLEL_ADDRESS", "DATA_PARALLEL_RPC_PORT")
 # The local entry points (local run, tests, benchmarks) also skip runpod's start-up fitness
 # checks, one of which opens a connection to a public DNS server.
 LOCAL_ONLY: dict[str, str] = {
@@ -314,22 +320,21 @@ class Settings(BaseModel):
     enable_auto_tool_choice: bool | None = Field(
         None,
         alias="ENABLE_AUTO_TOOL_CHOICE",
-        description="Let the model call tools on its own (tool_choice auto); needs "
-        "TOOL_CALL_PARSER.",
-        json_schema_extra=VLLM_FLAG,
+        description="Let the model call tools on its own (tool_choice auto); unset: on when a "
+        "tool parser is set or detected.",
     )
-    tool_call_parser: str | None = Field(
-        None,
+    tool_call_parser: str = Field(
+        "auto",
         alias="TOOL_CALL_PARSER",
-        description="vLLM's parser for the model's tool-call format (hermes, llama3_json, "
-        "mistral, pythonic, qwen3_xml, ...).",
-        json_schema_extra=VLLM_FLAG,
+        description="vLLM's parser for the model's tool-call format: auto (detected from the "
+        "model's chat template and config.json), none, or a name (hermes, llama3_json, mistral, "
+        "qwen3_coder, openai, ...).",
     )
-    reasoning_parser: str | None = Field(
-        None,
+    reasoning_parser: str = Field(
+        "auto",
         alias="REASONING_PARSER",
-        description="vLLM's parser that splits reasoning from content (deepseek_r1, qwen3, ...).",
-        json_schema_extra=VLLM_FLAG,
+        description="vLLM's parser that splits reasoning from content: auto (detected from the "
+        "chat template's thinking section), none, or a name (deepseek_r1, qwen3, ...).",
     )
     trust_remote_code: bool | None = Field(
         None,
@@ -521,13 +526,24 @@ def _describe(exc: ValidationError, given: Mapping[str, str]) -> str:
 HUB_OFFLINE: dict[str, str] = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+def single_node(environ: Mapping[str, str]) -> bool:
+    """Whether the engine runs on this host alone: no Ray executor, no ``NNODES`` above 1, no
+    multi-node or data-parallel address."""
+    if environ.get("DISTRIBUTED_EXECUTOR_BACKEND", "").strip().lower() == "ray":
+        return False
+    if environ.get("NNODES", "1").strip() not in ("", "1"):
+        return False
+    return not any(environ.get(name, "").strip() for name in _MULTI_NODE)
+
+
 def apply_process_environment(extra: Mapping[str, str] | None = None) -> None:
-    """Set the telemetry switches, the engine limits (and ``extra``) in os.environ, keeping values
-    already set.
+    """Set the telemetry switches, the engine limits, the loopback host address of a single-node
+    engine (and ``extra``) in os.environ, keeping values already set.
 
     Called once by an entry point before vLLM or runpod are imported.
     """
-    for key, value in {**TELEMETRY_OFF, **ENGINE_LIMITS, **(extra or {})}.items():
+    loopback = LOOPBACK_HOST if single_node(os.environ) else {}
+    for key, value in {**TELEMETRY_OFF, **ENGINE_LIMITS, **loopback, **(extra or {})}.items():
         os.environ.setdefault(key, value)
 
 

@@ -4,9 +4,11 @@ The settings are configs/local.env (configs/gpu.env under scripts/gpu-smoke) plu
 model that `make` points WORKER_TEST_MODEL at; vLLM reads its own variables (VLLM_CPU_*) from
 the process, so they are applied there too.
 
-``full_env`` adds what the OpenAI-surface tests need: the hermes tool parser and a LoRA adapter
-(``smol-lora``, made for the session). The in-process ``engine`` also runs in float32, the
-setting under which a seeded request gives the same text alone or in a batch on CPU.
+SmolLM2 is served with its chat template plus a tool section (configs/smollm2-tools.jinja), as
+`make serve` serves it; the worker detects the hermes tool parser from it. ``full_env`` adds what
+the OpenAI-surface tests need: compact JSON mode and a LoRA adapter (``smol-lora``, made for the
+session). The in-process ``engine`` also runs in float32, the setting under which a seeded request
+gives the same text alone or in a batch on CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tests.local_endpoint import LocalEndpoint, local_endpoint
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_ID = "SmolLM2-135M-Instruct"
 LORA = "smol-lora"
+TOOLS_TEMPLATE = ROOT / "configs" / "smollm2-tools.jinja"
 
 
 def local_env() -> dict[str, str]:
@@ -39,6 +42,9 @@ def local_env() -> dict[str, str]:
     if not model:
         pytest.fail("WORKER_TEST_MODEL is not set: run the tests with `make test`")
     env["MODEL_NAME"] = model
+    # as `make serve` runs the default model: its template with a tool section, from which the
+    # worker detects the hermes tool parser (scripts/in-env sets the same)
+    env["CHAT_TEMPLATE"] = str(TOOLS_TEMPLATE)
     return env
 
 
@@ -66,8 +72,6 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str,
 def full_env(worker_env: dict[str, str], lora_adapter: Path) -> dict[str, str]:
     return {
         **worker_env,
-        "ENABLE_AUTO_TOOL_CHOICE": "true",
-        "TOOL_CALL_PARSER": "hermes",
         # compact JSON: with free whitespace, JSON mode lets SmolLM2 emit blank lines until
         # max_tokens
         "STRUCTURED_OUTPUTS_CONFIG": '{"backend": "xgrammar", "disable_any_whitespace": true}',

@@ -111,8 +111,8 @@ def test_blank_values_are_unset() -> None:
 
 
 def test_listed_vllm_flags_are_checked_then_passed_on() -> None:
-    s = load_settings({"GPU_MEMORY_UTILIZATION": "0.85", "TOOL_CALL_PARSER": "hermes"})
+    s = load_settings({"GPU_MEMORY_UTILIZATION": "0.85", "KV_CACHE_DTYPE": "fp8"})
     assert s.gpu_memory_utilization == 0.85
-    assert s.engine_passthrough == {"GPU_MEMORY_UTILIZATION": "0.85", "TOOL_CALL_PARSER": "hermes"}
+    assert s.engine_passthrough == {"GPU_MEMORY_UTILIZATION": "0.85", "KV_CACHE_DTYPE": "fp8"}
     with pytest.raises(SettingsError, match="^invalid setting: GPU_MEMORY_UTILIZATION='1.5': "):
         load_settings({"GPU_MEMORY_UTILIZATION": "1.5"})
