@@ -23,10 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from handler.errors import EngineDead, InvalidRequest, WorkerError, error_body, job_error
+from handler.errors import (
+    EngineDead,
+    InvalidRequest,
+    NotFound,
+    WorkerError,
+    error_body,
+    job_error,
+)
 from handler.model_card import describe_models
 from handler.protocol import (
     Engine,
@@ -40,7 +48,15 @@ from handler.protocol import (
     to_engine_call,
 )
 from handler.settings import Settings
-from handler.streaming import Pacer, cached_tokens, chunk_dicts, coalesce, sse_text, usage_in
+from handler.streaming import (
+    Pacer,
+    cached_tokens,
+    chunk_dicts,
+    coalesce,
+    split_at_error,
+    sse_text,
+    usage_in,
+)
 
 log = logging.getLogger("handler.jobs")
 
@@ -77,6 +93,9 @@ async def run_job(
             yield await run_batch(batch_items(parsed, settings), engine, settings, job_id)
             return
         call, shape = to_engine_call(parsed, settings, job_id)
+        if call.route.startswith(MODEL_PREFIX):
+            yield await model_card(call.route.removeprefix(MODEL_PREFIX), engine, settings)
+            return
         reply = await engine.serve(call)
         if isinstance(reply, dict):
             yield _one_shot(reply, call, engine, settings, job_id)
@@ -85,8 +104,11 @@ async def run_job(
         with pacer.streaming():
             async for batch in coalesce(reply, pacer.interval):
                 usage = usage_in(batch) or usage
-                for output in _frame(batch, shape):
+                events, failure = split_at_error(batch)
+                for output in _frame(events, shape) if events else []:
                     yield output
+                if failure is not None:
+                    raise failure
         _log_usage(job_id, usage)
     except asyncio.CancelledError:
         log.info("job %s cancelled; its engine request was aborted", job_id)
@@ -120,6 +142,21 @@ async def run_batch(
     return {"results": results}
 
 
+MODEL_PREFIX = "/v1/models/"
+
+
+async def model_card(model_id: str, engine: Engine, settings: Settings) -> dict[str, Any]:
+    """``/v1/models/{id}``: the card ``/v1/models`` lists for that id (vLLM's server has no such
+    route), or a 404 as OpenAI answers it."""
+    listing = await engine.serve(EngineCall(route="/v1/models", method="GET"))
+    if not isinstance(listing, dict):
+        raise TypeError("the engine streamed the model list")
+    for card in describe_models(listing, settings, engine.model_info)["data"]:
+        if card.get("id") == model_id:
+            return dict(card)
+    raise NotFound(f"The model `{model_id}` does not exist.", param="model")
+
+
 def _one_shot(
     reply: EngineReply, call: EngineCall, engine: Engine, settings: Settings, job_id: str
 ) -> dict[str, Any]:
@@ -151,7 +188,24 @@ def _log_usage(job_id: str, usage: Any) -> None:
 
 
 def _log_failure(job_id: str, exc: Exception) -> None:
-    if isinstance(exc, WorkerError) and exc.status < 500:
-        log.info("job %s rejected: %s", job_id, exc.message)
-    else:
-        log.error("job %s failed", job_id, exc_info=exc)
+    """The job id, error type, parameter and status; never the message, which may quote the
+    request (a prompt, a schema). An unexpected exception also logs where it was raised (its
+    frames, without the message); messages only at DEBUG."""
+    error = error_body(exc)["error"]
+    status = int(error["code"])
+    verb, level = ("rejected", logging.INFO) if status < 500 else ("failed", logging.ERROR)
+    where = ""
+    if error["type"] == "InternalServerError" and not isinstance(exc, WorkerError):
+        frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+        where = f" from {type(exc).__name__}\n{frames}"
+    log.log(
+        level,
+        "job %s %s: %s (param %s, status %d)%s",
+        job_id,
+        verb,
+        error["type"],
+        error.get("param"),
+        status,
+        where,
+    )
+    log.debug("job %s: %r", job_id, exc)
