@@ -14,6 +14,11 @@ per-job stop, concurrency, its SIGTERM handler). :class:`PromptJobScaler` change
   still running are cancelled (which aborts their engine requests) and reported as failed with a
   503 error, so their callers learn at once instead of waiting on a job nobody runs.
 
+And one thing around it: runpod's ``JobsProgress`` pickles every in-flight job, input included,
+to ``./.runpod_jobs.pkl`` on each job's start and finish (its heartbeat process reads the job ids
+from there). :class:`JobIds` hands it the job id only, so no prompt reaches the disk and the
+file stays a few bytes per job however long the prompts.
+
 :func:`start` installs it and runs ``runpod.serverless.start``.
 """
 
@@ -28,6 +33,7 @@ import runpod
 from runpod.http_client import AsyncClientSession, ClientSession
 from runpod.serverless.modules import rp_scale
 from runpod.serverless.modules.rp_http import send_result
+from runpod.serverless.modules.worker_state import JobsProgress
 
 from handler.errors import ShuttingDown, job_error
 
@@ -39,9 +45,33 @@ _RECHECK_S = 1.0
 GRACE_KEY = "shutdown_grace_s"
 
 
+class JobIds:
+    """runpod's ``JobsProgress`` as the scaler uses it, given job ids instead of whole jobs."""
+
+    def __init__(self, progress: Any) -> None:
+        self._progress = progress
+
+    def add(self, job: Any) -> None:
+        self._progress.add(_job_id(job))
+
+    def remove(self, job: Any) -> None:
+        self._progress.remove(_job_id(job))
+
+    def get_job_count(self) -> int:
+        return int(self._progress.get_job_count())
+
+    def get_job_list(self) -> str | None:
+        return self._progress.get_job_list()  # type: ignore[no-any-return]
+
+
+def _job_id(job: Any) -> Any:
+    return str(job["id"]) if isinstance(job, dict) else job
+
+
 class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
+        self.job_progress = JobIds(JobsProgress())  # runpod's singleton
         self.shutdown_grace_s = float(config.get(GRACE_KEY, 30.0))
         self._jobs: dict[str, dict[str, Any]] = {}
 

@@ -97,19 +97,11 @@ def l2_adapters(settings: Settings) -> list[dict[str, Any]]:
 
 
 def store_adapter(url: str) -> dict[str, Any]:
-    """``redis://``/``valkey://`` (RESP) or ``s3://bucket.host?region=R`` as an adapter object."""
+    """``redis://``/``valkey://`` (RESP) or ``s3://bucket.host?region=R`` as an adapter object.
+    Credentials in the URL are left out: see :func:`store_credentials`."""
     parts = urlsplit(url)
     if parts.scheme in ("redis", "valkey"):
-        adapter: dict[str, Any] = {
-            "type": "resp",
-            "host": parts.hostname or HOST,
-            "port": parts.port or 6379,
-        }
-        if parts.username:
-            adapter["username"] = unquote(parts.username)
-        if parts.password:
-            adapter["password"] = unquote(parts.password)
-        return adapter
+        return {"type": "resp", "host": parts.hostname or HOST, "port": parts.port or 6379}
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
     return {
         "type": "s3",
@@ -194,8 +186,27 @@ def connector_config(settings: Settings, ports: Ports) -> dict[str, Any]:
     }
 
 
-def server_environment(base: Mapping[str, str]) -> dict[str, str]:
-    return {**base, "LMCACHE_TRACK_USAGE": "false", "LMCACHE_DISABLE_BANNER": "1"}
+def store_credentials(url: str | None) -> dict[str, str]:
+    """A RESP store URL's user and password as the variables LMCache's RESP adapter reads when its
+    adapter JSON names none: the server's command line (readable by anyone who can run ``ps``)
+    never holds them; its environment is readable by the worker's own user only."""
+    parts = urlsplit(url or "")
+    if parts.scheme not in ("redis", "valkey"):
+        return {}
+    found = {
+        "LMCACHE_RESP_USERNAME": unquote(parts.username or ""),
+        "LMCACHE_RESP_PASSWORD": unquote(parts.password or ""),
+    }
+    return {name: value for name, value in found.items() if value}
+
+
+def server_environment(base: Mapping[str, str], settings: Settings) -> dict[str, str]:
+    return {
+        **base,
+        **store_credentials(settings.lmcache_l2_url),
+        "LMCACHE_TRACK_USAGE": "false",
+        "LMCACHE_DISABLE_BANNER": "1",
+    }
 
 
 def resp_stores(settings: Settings) -> list[tuple[str, int]]:
@@ -332,7 +343,9 @@ class LMCacheServer:
             if not self._stopping.is_set():
                 self._remove_segment()  # left by a server that was killed
                 self._process = subprocess.Popen(
-                    self.command, env=server_environment(environment()), stdin=subprocess.DEVNULL
+                    self.command,
+                    env=server_environment(environment(), self._settings),
+                    stdin=subprocess.DEVNULL,
                 )
 
     def restart(self) -> None:

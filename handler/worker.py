@@ -122,11 +122,40 @@ def sigterm_self() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+# vLLM's serving modules that log a refused request's whole error at ERROR ("Error with model
+# ErrorInfo(message=...)"); the message may quote the request (the model name it asked for).
+VLLM_ERROR_LOGGERS = (
+    "vllm.entrypoints.openai.chat_completion.serving",
+    "vllm.entrypoints.openai.chat_completion.batch_serving",
+    "vllm.entrypoints.openai.responses.serving",
+    "vllm.entrypoints.scale_out.token_in_token_out.serving",
+    "vllm.entrypoints.scale_out.render.serving",
+)
+
+
+class ErrorSummary(logging.Filter):
+    """Keeps an error object's type, param and code in a log record, drops its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_summary(arg) for arg in record.args)
+        return True
+
+
+def _summary(arg: Any) -> Any:
+    info = getattr(arg, "error", arg)
+    if not all(hasattr(info, name) for name in ("message", "type", "param", "code")):
+        return arg
+    return f"{info.type} (param {info.param}, status {info.code})"
+
+
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("handler").setLevel(settings.log_level)
+    for name in VLLM_ERROR_LOGGERS:  # vLLM's own logging set-up keeps a logger's filters
+        logging.getLogger(name).addFilter(ErrorSummary())
 
 
 def runpod_config(settings: Settings, handler: Callable[..., Any]) -> dict[str, Any]:

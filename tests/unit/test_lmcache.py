@@ -19,6 +19,7 @@ from handler.lmcache import (
     resp_alive,
     resp_stores,
     server_command,
+    server_environment,
     shm_fits,
     store_adapter,
 )
@@ -69,7 +70,7 @@ def test_every_tier_becomes_an_l2_adapter_in_order() -> None:
     )
     adapters = [
         {"type": "fs", "base_path": "/cache/kv"},
-        {"type": "resp", "host": "10.0.0.5", "port": 6380, "username": "user", "password": "p@ss"},
+        {"type": "resp", "host": "10.0.0.5", "port": 6380},  # credentials: the environment
         {"type": "mooncake_store", "x": 1},
     ]
     assert l2_adapters(settings) == adapters
@@ -78,6 +79,9 @@ def test_every_tier_becomes_an_l2_adapter_in_order() -> None:
     assert [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "--l2-adapter"] == adapters
     assert argv[-2:] == ["--max-workers", "8"]  # after the default: argparse keeps the last
     assert argv[argv.index("--chunk-size") + 1] == "128"
+    assert not any("p@ss" in a or "p%40ss" in a for a in argv)
+    env = server_environment({"PATH": "/bin"}, settings)
+    assert (env["LMCACHE_RESP_USERNAME"], env["LMCACHE_RESP_PASSWORD"]) == ("user", "p@ss")
     assert argv[argv.index("--eviction-policy") + 1] == "ARC"
     assert resp_stores(settings) == [("10.0.0.5", 6380)]
     without_redis = server_command(settings, PORTS, 2.0, without=[("10.0.0.5", 6380)])
