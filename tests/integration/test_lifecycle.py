@@ -6,7 +6,8 @@ worker, LMCache on, ``SHUTDOWN_GRACE_S`` 8 s; the endpoint starts a worker again
 * SIGTERM with a job longer than the grace period: the job ends with a 503 error soon after the
   grace period, and the worker exits 0 with nothing left.
 * The engine core process killed: the job generating ends with a 503 error and the worker exits
-  non-zero within seconds, with nothing left.
+  non-zero within seconds, with nothing left; through the OpenAI route, a stream ends with the
+  503 error event and the job counts as failed.
 
 "Left behind" is counted by the endpoint when a worker exits: processes of its group still
 running (``last_exit`` in ``/local/workers``).
@@ -14,6 +15,7 @@ running (``last_exit`` in ``/local/workers``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -21,6 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 import runpod
@@ -150,3 +153,38 @@ def test_engine_core_death_fails_the_job_and_the_worker_exits_non_zero(
     assert (error["code"], error["type"]) == (503, "ServiceUnavailableError")
     assert exit_of(endpoint, worker["starts"], timeout=30) == {"code": 1, "left_behind": 0}
     assert time.monotonic() - killed < 15
+
+
+def test_engine_core_death_during_an_openai_stream_fails_the_job_with_a_503(
+    endpoint: LocalEndpoint,
+) -> None:
+    """What an OpenAI client sees when the engine dies mid-stream: the chunks so far, then the
+    503 error event (so clients that retry on 503 do), and the job counts as failed."""
+    worker = ready_worker(endpoint)
+    before = endpoint.call("GET", "/health")[1]["jobs"]
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[str] = []
+    headers = {"Authorization": f"Bearer {endpoint.key}"}
+    with httpx.stream(
+        "POST", f"{endpoint.openai_base}/chat/completions", json=body, headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        events += [line for line in itertools.islice(lines, 6) if line]
+        family = psutil.Process(int(worker["pid"])).children(recursive=True)
+        [core] = [p for p in family if "EngineCore" in p.name() + " ".join(p.cmdline())]
+        core.kill()
+        events += [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert (error["code"], error["type"]) == (503, "ServiceUnavailableError"), error
+    assert all('"error"' not in event for event in events[:-2])
+    assert exit_of(endpoint, worker["starts"], timeout=30) == {"code": 1, "left_behind": 0}
+    after = endpoint.call("GET", "/health")[1]["jobs"]
+    assert (after["failed"], after["completed"]) == (before["failed"] + 1, before["completed"])
