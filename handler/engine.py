@@ -31,14 +31,24 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+from fastapi.exceptions import RequestValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from handler import parsers
-from handler.errors import EngineDead, EngineError, InvalidRequest
+from handler.errors import (
+    EngineDead,
+    EngineError,
+    InvalidRequest,
+    NotFound,
+    error_body,
+    invalid_request,
+)
 from handler.protocol import EngineCall, EngineReply, ModelInfo
 from handler.settings import Settings, SettingsError, env_names, lora_specs
 from handler.streaming import END, Failure
@@ -293,6 +303,8 @@ class VllmEngine:
         self._dead = False
         self._closed = False
         self._processes: list[psutil.Process] = []
+        # seconds each step of start() took, for the worker's cold-start log
+        self.start_phases: dict[str, float] = {}
 
     @classmethod
     def start(
@@ -300,11 +312,15 @@ class VllmEngine:
         settings: Settings,
         on_dead: Callable[[], None] = lambda: None,
         connector: Mapping[str, Any] | None = None,
+        after_args: Callable[[], None] = lambda: None,
     ) -> VllmEngine:
         """Build the engine and its serving layer; returns once it can take requests.
-        ``connector``: vLLM's kv-transfer config (the LMCache server's), if any."""
+        ``connector``: vLLM's kv-transfer config (the LMCache server's), if any. ``after_args``
+        runs once vllm is imported and the arguments are parsed, before the engine is built."""
         started = time.perf_counter()
-        args = build_args(settings, connector)
+        args = build_args(settings, connector)  # the first call imports vllm
+        args_s = time.perf_counter() - started
+        after_args()
         if connector is not None and not _keeps_kv_cache(args):
             log.warning(
                 "LMCache is off: %s is a pooling model, it keeps no KV cache", settings.model_id
@@ -321,6 +337,7 @@ class VllmEngine:
             thread.join(timeout=10)
             raise
         engine = cls(loop, thread, opened, on_dead)
+        engine.start_phases = {"vLLM import and engine arguments": args_s, **opened.phases}
         # the engine's own processes: not those already running (the LMCache server)
         engine._processes = [p for p in _child_processes() if p.pid not in before]
         asyncio.run_coroutine_threadsafe(engine._watch_health(), loop)
@@ -373,7 +390,7 @@ class VllmEngine:
         finally:
             if not ended:
                 await self._leave(exchange, running)
-        return _answer(start, body if isinstance(body, bytes) else b"")
+        return _answer(start, body if isinstance(body, bytes) else b"", call.route)
 
     async def _events(
         self, queue: asyncio.Queue[object], exchange: _Exchange, running: Future[None]
@@ -430,12 +447,15 @@ class _Start:
     json: bool  # an application/json body
 
 
-def _answer(start: _Start, body: bytes) -> dict[str, Any]:
+def _answer(start: _Start, body: bytes, route: str) -> dict[str, Any]:
     """A whole answer of vLLM's app as a JSON object; an error status raises EngineError."""
     try:
         answer = json.loads(body) if start.json and body.strip() else None
     except ValueError:
         answer = None
+    if start.status == 404 and not (isinstance(answer, dict) and "error" in answer):
+        # the app's router has no such route: one the served model's tasks do not register
+        raise NotFound(f"the served model does not support {route}")
     if start.status >= 400:
         raise EngineError.from_answer(start.status, answer)
     if isinstance(answer, dict):
@@ -608,6 +628,7 @@ class _Opened:
     app: Any  # the FastAPI app `vllm serve` runs, its state filled in
     stack: contextlib.AsyncExitStack
     info: ModelInfo
+    phases: dict[str, float] = field(default_factory=dict)  # engine build, app build: seconds
 
 
 async def _open(args: argparse.Namespace) -> _Opened:
@@ -618,15 +639,37 @@ async def _open(args: argparse.Namespace) -> _Opened:
     from vllm.entrypoints.launchers.app import build_app
 
     stack = contextlib.AsyncExitStack()
+    started = time.perf_counter()
     try:
         client = await stack.enter_async_context(build_async_engine_client(args))
         tasks = await client.get_supported_tasks()
+        built = time.perf_counter()
         app = build_app(args, tasks, client.model_config)
+        app.add_exception_handler(RequestValidationError, _validation_answer)
+        app.middleware_stack = app.build_middleware_stack()  # built once already: take it in
         await init_app_state(client, app.state, args, tasks)
     except BaseException:
         await stack.aclose()
         raise
-    return _Opened(client, app, stack, _model_info(client.model_config, args, tasks))
+    phases = {"engine build": built - started, "app build": time.perf_counter() - built}
+    return _Opened(client, app, stack, _model_info(client.model_config, args, tasks), phases)
+
+
+async def _validation_answer(_request: Request, exc: Exception) -> Response:
+    """A request body that does not validate, answered in the worker's one error shape: the
+    field as the client named it (without FastAPI's ``body.``) and pydantic's reason, never the
+    input values. (vLLM's own handler answers with each error's Python repr, the input in it.)"""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    reasons = [{**e, "loc": tuple(e.get("loc") or ())[1:]} for e in errors]
+    # a vLLM validator's own error names its parameter
+    named = [
+        e["ctx"]["error"] for e in errors if isinstance(e.get("ctx", {}).get("error"), Exception)
+    ]
+    param = next(
+        (p for p in (getattr(x, "parameter", None) for x in named) if isinstance(p, str)), None
+    )
+    body = error_body(invalid_request(reasons, param=param))
+    return JSONResponse(body, status_code=400)
 
 
 def _model_info(config: Any, args: argparse.Namespace, tasks: Any) -> ModelInfo:

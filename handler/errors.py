@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -111,14 +112,22 @@ class ShuttingDown(WorkerError):
 
 def from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
     """A pydantic error as one readable InvalidRequest, naming the first offending field."""
+    return invalid_request(exc.errors(include_url=False, include_input=False), prefix)
+
+
+def invalid_request(
+    errors: Iterable[Mapping[str, Any]], prefix: str = "", param: str | None = None
+) -> InvalidRequest:
+    """Pydantic's error entries (``loc``, ``msg``) as one readable InvalidRequest; ``param`` is
+    the first offending field unless given. The input values are never repeated."""
     parts = []
     params = []
-    for error in exc.errors(include_url=False, include_input=False):
+    for error in errors:
         where = prefix + ".".join(str(p) for p in error["loc"])
         params.append(where.rstrip(".") or None)
-        parts.append(f"{where.rstrip('.')}: {error['msg']}" if where else error["msg"])
+        parts.append(f"{where.rstrip('.')}: {error['msg']}" if where else str(error["msg"]))
     return InvalidRequest(
-        "; ".join(parts) or "invalid request", param=params[0] if params else None
+        "; ".join(parts) or "invalid request", param=param or (params[0] if params else None)
     )
 
 

@@ -112,7 +112,7 @@ def test_native_job_and_listing(rp: runpod.Endpoint, client: openai.OpenAI) -> N
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert caught.value.body["message"] == (  # type: ignore[index]
-        "the served model does not support chat completions (/v1/chat/completions)"
+        "the served model does not support /v1/chat/completions"
     )
 
 

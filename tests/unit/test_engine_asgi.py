@@ -12,13 +12,16 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from handler.engine import VllmEngine, _Opened
-from handler.errors import EngineError, InvalidRequest, error_body
+from handler.engine import VllmEngine, _Opened, _validation_answer
+from handler.errors import EngineError, InvalidRequest, NotFound, error_body
 from handler.protocol import EngineCall
 from tests.fakes import INFO
 
@@ -203,7 +206,47 @@ async def test_an_unhandled_app_error_is_a_500_and_the_app_keeps_serving(
     assert await engine.serve(EngineCall(route="/echo", body={})) == {"ok": True}
 
 
-async def test_an_unknown_path_is_the_apps_404(engine: VllmEngine) -> None:
-    with pytest.raises(EngineError) as caught:
+async def test_a_route_the_app_lacks_is_a_404_that_says_so(engine: VllmEngine) -> None:
+    with pytest.raises(NotFound) as caught:
         await engine.serve(EngineCall(route="/nowhere", body={}))
-    assert caught.value.status == 404
+    assert caught.value.message == "the served model does not support /nowhere"
+
+
+class TypedBody(BaseModel):
+    temperature: float
+    messages: list[dict[str, str]]
+
+
+def typed_app() -> FastAPI:
+    """A FastAPI app with a typed body and the handler the engine puts on vLLM's app for
+    request validation errors."""
+    app = FastAPI()
+    app.add_exception_handler(RequestValidationError, _validation_answer)
+
+    @app.post("/typed")
+    async def typed(body: TypedBody) -> dict[str, str]:
+        return {}
+
+    return app
+
+
+async def test_a_body_that_does_not_validate_is_one_readable_400() -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    opened = _Opened(FakeClient(), typed_app(), contextlib.AsyncExitStack(), INFO)
+    engine = VllmEngine(loop, thread, opened, on_dead=lambda: None)
+    try:
+        with pytest.raises(EngineError) as caught:
+            await engine.serve(EngineCall(route="/typed", body={"temperature": "never-echoed"}))
+    finally:
+        engine.shutdown()
+    assert error_body(caught.value) == {
+        "error": {
+            "message": "temperature: Input should be a valid number, unable to parse string as "
+            "a number; messages: Field required",
+            "type": "BadRequestError",
+            "param": "temperature",
+            "code": 400,
+        }
+    }
