@@ -354,6 +354,19 @@ class Settings(BaseModel):
         description="RunPod's cached-models folder (Hugging Face hub layout); a model found there "
         "loads offline. Otherwise the model is downloaded at cold start.",
     )
+    compile_cache_dir: str = Field(
+        "/runpod-volume/vllm-cache",
+        alias="COMPILE_CACHE_DIR",
+        description="Folder on the network volume for vLLM's compile cache (torch.compile), so "
+        "later workers of the endpoint load what the first compiled; used when its parent is "
+        "mounted and it is writable, otherwise the cache stays in the container. Blank: off.",
+    )
+    vllm_cache_root: str | None = Field(
+        None,
+        alias="VLLM_CACHE_ROOT",
+        description="vLLM's own cache folder; when set it is used as it is, and "
+        "COMPILE_CACHE_DIR is not.",
+    )
     hf_token: SecretStr | None = Field(
         None,
         alias="HF_TOKEN",
@@ -495,6 +508,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     names = env_names()
     # an empty value is an unset one (RunPod's forms send "" for an input left blank)
     known = {alias: environ[alias] for alias in names if environ.get(alias, "").strip()}
+    if not environ.get("COMPILE_CACHE_DIR", "x").strip():  # set but blank: turned off
+        known["COMPILE_CACHE_DIR"] = ""
     flags = {
         field.alias
         for field in Settings.model_fields.values()

@@ -60,6 +60,6 @@ def test_cold_start_phases_are_timed_and_summed(caplog: pytest.LogCaptureFixture
         pass
     assert cold.summary() == "cold start: ready in 33.0 s (model location 0.5 s, engine 30.0 s)"
     assert [r.getMessage() for r in caplog.records] == [
-        "cold start: model location took 0.5 s",
-        "cold start: engine took 30.0 s",
+        "cold start: model location took 0.50 s",
+        "cold start: engine took 30.00 s",
     ]
