@@ -287,7 +287,7 @@ def parser_error(text: str) -> str:
 
 
 class VllmEngine:
-    """vLLM's AsyncLLM and OpenAI serving layer on a dedicated event-loop thread."""
+    """vLLM's AsyncLLM and the app `vllm serve` runs over it, on a dedicated event-loop thread."""
 
     def __init__(
         self,
@@ -409,6 +409,8 @@ class VllmEngine:
     async def _leave(self, exchange: _Exchange, running: Future[None]) -> None:
         """The caller has gone: tell vLLM's app the client disconnected (it aborts the engine
         request), and cancel the call if it has not ended soon after."""
+        if running.done():  # it ended on its own (a failure the caller is raising)
+            return
         self._loop.call_soon_threadsafe(exchange.disconnect)
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), _LEAVE_S)
