@@ -8,6 +8,13 @@ per-job stop, concurrency, its SIGTERM handler). :class:`PromptJobScaler` change
   average between its job-take answer and the handler: most of the worker's time-to-first-token
   overhead in ``make bench``. Here the loop waits on the queue, the running jobs and the shutdown
   together, and starts a job the moment it is queued.
+* **Take**: runpod's ``get_jobs`` recorded each taken job in its in-flight list (one write of
+  ``.runpod_jobs.pkl`` per job, about 0.8 ms here) and then yielded to the loop, so the jobs it
+  had just taken started before it sent the next job-take. When 16 requests arrive together the
+  first job-take answer holds some of them, and the rest waited in the endpoint's queue for that
+  (26 ms in ``bench/burst_timeline.py``): the engine then got them in two steps apart. Here a
+  taken batch is queued, recorded with one write, and the next job-take goes out at once (asking
+  for the places left: jobs taken, queued or running, counted once).
 * **SIGTERM**: runpod stopped the job-take loop only after its held long-poll returned (so a job
   could still be taken after SIGTERM), then waited for in-flight jobs without limit. Here the
   held job-take is cancelled at once, in-flight jobs get ``shutdown_grace_s`` to finish, and any
@@ -30,7 +37,7 @@ import logging
 from typing import Any
 
 import runpod
-from runpod.http_client import AsyncClientSession, ClientSession
+from runpod.http_client import AsyncClientSession, ClientSession, TooManyRequests
 from runpod.serverless.modules import rp_scale
 from runpod.serverless.modules.rp_http import send_result
 from runpod.serverless.modules.worker_state import JobsProgress
@@ -53,6 +60,13 @@ class JobIds:
 
     def add(self, job: Any) -> None:
         self._progress.add(_job_id(job))
+
+    def add_all(self, jobs: list[Any]) -> None:
+        """Record a taken batch with one write of the state file, not one per job."""
+        from runpod.serverless.modules.worker_state import Job
+
+        set.update(self._progress, (Job(id=_job_id(job)) for job in jobs))
+        self._progress._save_state()  # runpod 1.10's (pinned) own save, once
 
     def remove(self, job: Any) -> None:
         self._progress.remove(_job_id(job))
@@ -90,6 +104,39 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
             stops.cancel()
             await asyncio.gather(taking, stops, return_exceptions=True)
             await running  # raises what made run_jobs fail, if anything did
+
+    def current_occupancy(self) -> int:
+        """Jobs taken and not finished. runpod's in-flight list holds each from its take to its
+        end; runpod's own count added the queued ones a second time, which here (the next take
+        is asked for while a batch is still queued) would ask for too few, or none."""
+        return int(self.job_progress.get_job_count())
+
+    async def get_jobs(self, session: ClientSession) -> None:
+        """runpod's job-take loop, with each taken batch queued and recorded at once (one
+        state-file write) and the next job-take sent before anything else runs."""
+        while self.is_alive():
+            await self.set_scale()
+            needed = self.current_concurrency - self.current_occupancy()
+            if needed <= 0:
+                await asyncio.sleep(1)  # runpod's: the queue is full, retry soon
+                continue
+            try:
+                jobs = await asyncio.wait_for(
+                    self.jobs_fetcher(session, needed), timeout=self.jobs_fetcher_timeout
+                )
+            except TooManyRequests:
+                await asyncio.sleep(5)  # runpod's debounce
+                continue
+            except (TimeoutError, TypeError):
+                continue  # runpod's: a held job-take that timed out, or an answer it cannot read
+            except Exception as error:
+                log.error("job-take failed: %s", type(error).__name__)
+                await asyncio.sleep(0)
+                continue
+            for job in jobs or []:
+                await self.jobs_queue.put(job)  # no wait: no more than the free places were asked
+            if jobs:
+                self.job_progress.add_all(jobs)
 
     async def run_jobs(self, session: ClientSession) -> None:
         tasks: set[asyncio.Task[Any]] = set()
