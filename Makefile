@@ -1,6 +1,6 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro
+.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro bench-cold bench-burst
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
@@ -11,10 +11,12 @@ help:
 	@echo "make soak         the soak test for 30 minutes (SOAK_S=seconds to change)"
 	@echo "make lint         ruff and mypy"
 	@echo "make check-image  hadolint, and the GPU image's pins resolved for its platform"
-	@echo "make bench        the full path vs the bare engine under load: table, chart, JSON"
+	@echo "make bench        the full path vs vllm serve and the bare engine under load: table, chart"
+	@echo "make bench-burst  16 requests at once: where the full path's time to first token goes"
 	@echo "make bench-stream handler vs bare engine streaming overhead"
 	@echo "make bench-cache  time to first token for a repeated prefix: no cache, prefix cache, LMCache"
 	@echo "make bench-repro  same seed alone vs in a batch, and what the settings that hold cost"
+	@echo "make bench-cold   cold start vs vllm serve, and a second start on a warm compile cache"
 
 setup:
 	@scripts/dev-env
@@ -60,3 +62,9 @@ bench-cache:
 
 bench-repro:
 	scripts/in-env python bench/reproducibility.py
+
+bench-cold:
+	flock /tmp/engine.lock scripts/in-env python bench/cold_start.py $(ARGS)
+
+bench-burst:
+	flock /tmp/engine.lock scripts/in-env python bench/burst_timeline.py $(ARGS)

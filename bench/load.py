@@ -1,29 +1,37 @@
-"""The worker against the bare engine, under load, in one run: ``make bench``.
+"""The worker against the bare engine and `vllm serve`, under load, in one run: ``make bench``.
 
 The same requests (distinct random prompts of ``--prompt-tokens`` token ids, greedy,
-``ignore_eos``, ``--max-tokens`` generated) go through
+``ignore_eos``, ``--max-tokens`` generated) go through each path chosen with ``--paths``:
 
-* **bare**: vLLM's ``AsyncLLM`` built from the worker's own engine arguments (same model, dtype,
+* ``bare``: vLLM's ``AsyncLLM`` built from the worker's own engine arguments (same model, dtype,
   KV cache, LMCache connector and server), called in this process;
-* **full**: the OpenAI SDK -> the local RunPod endpoint (``python -m handler.local``) -> a worker
+* ``serve``: ``vllm serve`` (vLLM's own OpenAI server, ``bench/vllm_serve.py``) started with
+  exactly the worker's engine arguments (built by the worker's own code), on loopback, with its
+  own LMCache server; driven by the same OpenAI SDK client;
+* ``full``: the OpenAI SDK -> the local RunPod endpoint (``python -m handler.local``) -> a worker
   process under runpod's production loop (job-take, stream POSTs, job-done) -> the handler ->
-  vLLM's OpenAI layer -> the engine; once as is, once with 100 ms added to every stream POST
-  (``--stream-post-delay-ms``, RunPod's round trip).
+  vLLM's app -> the engine;
+* ``post100``: the full path with 100 ms added to every stream POST (RunPod's round trip);
+* ``before``: the full path (endpoint and worker) run from another checkout of this repository,
+  ``--before REV`` (extracted with ``git archive`` into a temporary folder; the repository is not
+  touched), for a before/after comparison in the same run.
 
-at each concurrency (``--concurrency``), streamed and one-shot. All three engines are up for the
-whole run (an idle vLLM engine takes no CPU), and each cell's requests go in rounds of
+at each concurrency (``--concurrency``), streamed and one-shot (``--modes``). Every engine is up
+for the whole run (an idle vLLM engine takes no CPU), and each cell's requests go in rounds of
 ``concurrency`` at once, each round through every path in turn, so the machine's drift in speed
-(large on a shared 2-core host) touches all paths alike. First a TTFT probe: 20 short streams
-one at a time through the bare engine and the full path in turn. Per cell: time to first token
-(p50, p99; streamed), inter-token latency (a stream's first to last token over its tokens, p50,
-p99), request latency, output tokens/s over the cell, and stream POSTs per job (from the
-endpoint's metrics), and the CPU time each process spent per 1,000 output tokens. Then the
-targets, as ratios within this run.
+(large on a shared 2-core host) touches all paths alike. First a TTFT probe (``--probe``): short
+streams one at a time through every path in turn. Per cell: time to first token (p50, p99;
+streamed), inter-token latency (a stream's first to last token over its tokens, p50, p99),
+request latency, output tokens/s over the cell, stream POSTs per job (from the endpoint's
+metrics), and the CPU time each process spent per 1,000 output tokens. Then the full path's
+ratios to every other path, and the targets, within this run.
 
 Writes ``OUT/load.json`` (``--baseline`` compares a new run with an older file) and
-``OUT/load.png``, and prints a Markdown table.
+``OUT/load.png``, and prints Markdown tables.
 
-Usage: scripts/in-env python bench/load.py [--out DIR] [--concurrency 1,4,16] [--rounds N]
+Usage: scripts/in-env python bench/load.py [--out DIR] [--paths bare,serve,full,post100]
+    [--concurrency 1,4,16] [--modes streamed,one-shot] [--rounds N] [--before REV]
+    [--lmcache on|off]
 """
 
 from __future__ import annotations
@@ -32,12 +40,18 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import platform
 import random
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings  # noqa: E402
 from tests.integration.conftest import MODEL_ID, local_env  # noqa: E402
-from tests.local_endpoint import LocalEndpoint, local_endpoint  # noqa: E402
+from tests.local_endpoint import KEY, LocalEndpoint, stop  # noqa: E402
 
 STREAM_POSTS = "runpod_local_job_stream_posts"
 # vLLM's engine processes busy-wait for 1 s after their last message (shm_broadcast's
@@ -67,12 +81,23 @@ class Sample:
     itl: float | None = None  # (last token - first token) / (tokens - 1), streamed only
 
 
+# The paths, in the order of the tables; what each is called in them.
+PATHS = {
+    "bare": "bare AsyncLLM",
+    "serve": "vllm serve",
+    "full": "full path",
+    "post100": "full path, POST +100 ms",
+    "before": "full path before",
+}
+POST_DELAY_MS = {"post100": 100.0}
+
+
 @dataclass
 class Cell:
-    path: str  # "bare" or "full"
+    path: str  # a key of PATHS
     streamed: bool
     concurrency: int
-    post_delay_ms: float
+    post_delay_ms: float = 0.0
     probe: bool = False  # the TTFT probe: short streams, one at a time
     requests: int = 0
     wall_s: float = 0.0
@@ -92,9 +117,9 @@ class Cell:
         mode = "streamed" if self.streamed else "one-shot"
         if self.probe:
             mode = "TTFT probe"
-        if self.path == "bare":
-            return f"bare AsyncLLM, {mode}"
-        return f"full path, {mode}, POST +{self.post_delay_ms:.0f} ms"
+        if self.path == "post100":
+            return f"full path, {mode}, POST +{self.post_delay_ms:.0f} ms"
+        return f"{PATHS[self.path]}, {mode}"
 
     def summarise(self, wall_s: float) -> None:
         self.requests, self.wall_s = len(self.samples), wall_s
@@ -142,29 +167,46 @@ ROLES = (
     ("VLLM::Worker", "engine worker (model)"),
     ("lmcache", "LMCache server"),
     ("handler.local", "local endpoint"),
+    ("vllm_serve.py", "vllm serve: API server, vLLM frontend"),
     ("-m handler", "worker: runpod loop, handler, vLLM frontend"),
 )
 
 
-def cpu_by_process() -> dict[int, tuple[str, float]]:
+@dataclass(frozen=True)
+class ProcCpu:
+    role: str
+    seconds: float
+    family: frozenset[int]  # its pid and its ancestors'
+
+
+Owns = Callable[[int, frozenset[int]], bool]  # (pid, family) -> belongs to the path measured
+IDLE = "other paths' processes (idle)"
+
+
+def cpu_by_process() -> dict[int, ProcCpu]:
     """CPU seconds so far of this process and each of its descendants, with its role. This
     process is the client (for the bare engine also vLLM's frontend: AsyncLLM runs in it)."""
     me = psutil.Process()
-    found: dict[int, tuple[str, float]] = {}
+    found: dict[int, ProcCpu] = {}
     for proc in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
             text = proc.name() + " " + " ".join(proc.cmdline())
             role = next((r for key, r in ROLES if key in text), "other")
-            found[proc.pid] = ("client" if proc.pid == me.pid else role, times.user + times.system)
+            role = "client" if proc.pid == me.pid else role
+            family = frozenset([proc.pid, *(p.pid for p in proc.parents())])
+            found[proc.pid] = ProcCpu(role, times.user + times.system, family)
     return found
 
 
-def cpu_spent(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+def cpu_spent(before: dict[int, ProcCpu], owns: Owns) -> dict[str, float]:
+    """CPU spent since ``before`` by role, for the processes of the path measured; the rest
+    (the other paths' engines and servers, idle but not at zero) under :data:`IDLE`."""
     spent: dict[str, float] = {}
-    for pid, (role, seconds) in cpu_by_process().items():
+    for pid, now in cpu_by_process().items():
         if pid in before:
-            spent[role] = spent.get(role, 0.0) + seconds - before[pid][1]
+            role = now.role if pid == os.getpid() or owns(pid, now.family) else IDLE
+            spent[role] = spent.get(role, 0.0) + now.seconds - before[pid].seconds
     return spent
 
 
@@ -179,6 +221,7 @@ class Way:
     cell: Cell
     call: Call
     posts: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)  # (POSTs, jobs) so far
+    owns: Owns = lambda _pid, _family: True
     cpu: dict[str, float] = field(default_factory=dict)
     post_count: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
@@ -191,7 +234,7 @@ async def one_round(path: Way, prompts: list[list[int]], max_tokens: int) -> Non
     samples = await asyncio.gather(*(path.call(p, max_tokens) for p in prompts))
     path.cell.wall_s += time.perf_counter() - started
     path.cell.samples += samples
-    for role, seconds in cpu_spent(cpu).items():
+    for role, seconds in cpu_spent(cpu, path.owns).items():
         path.cpu[role] = path.cpu.get(role, 0.0) + seconds
     now_posts, now_jobs = path.posts()
     path.post_count[0] += now_posts - posts
@@ -203,7 +246,7 @@ def finish(path: Way) -> Cell:
     cell.summarise(cell.wall_s)
     per_1k = 1000 / max(cell.output_tokens, 1)
     cell.cpu_s_per_1k_tokens = {r: round(s * per_1k, 2) for r, s in sorted(path.cpu.items())}
-    if cell.path == "full":
+    if path.post_count[1]:
         cell.posts_per_job = path.post_count[0] / max(path.post_count[1], 1)
     return cell
 
@@ -283,10 +326,11 @@ async def bare_request(llm: Any, ids: list[int], max_tokens: int, streamed: bool
     return clock.sample(tokens, streamed)
 
 
-# -- the full path ---------------------------------------------------------------------------------
+# -- the full path and `vllm serve` ---------------------------------------------------------------
 
 
-async def full_request(client: Any, ids: list[int], max_tokens: int, streamed: bool) -> Sample:
+async def openai_request(client: Any, ids: list[int], max_tokens: int, streamed: bool) -> Sample:
+    """One completion through the OpenAI SDK (the full path's client and `vllm serve`'s)."""
     request: dict[str, Any] = {
         "model": MODEL_ID,
         "prompt": ids,
@@ -317,15 +361,108 @@ def endpoint_metric(endpoint: LocalEndpoint, name: str) -> float:
     return 0.0
 
 
-@contextlib.contextmanager
-def full_path(env: dict[str, str], post_delay_ms: float) -> Iterator[LocalEndpoint]:
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        local_endpoint(
-            Path(tmp), env, "--stream-post-delay-ms", str(post_delay_ms), start_timeout=600
-        ) as endpoint,
-    ):
-        yield endpoint
+@dataclass
+class Started:
+    """A server process this run started, and how to know it is ready."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    ready: Callable[[], bool]
+    what: str
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def start_endpoint(
+    root: Path, tmp: Path, env: dict[str, str], delay_ms: float, first: str | None = None
+) -> Started:
+    """``python -m handler.local`` from the checkout at ``root`` (its endpoint and its worker),
+    one worker, key :data:`KEY`; does not wait. ``first``: a folder put before ``root`` on the
+    path (the burst timeline's tracer)."""
+    ready, log = tmp / "ready.json", tmp / "local-endpoint.log"
+    command = [sys.executable, "-m", "handler.local", "--port", "0", "--api-key", KEY]
+    command += ["--ready-file", str(ready), "--stream-post-delay-ms", str(delay_ms)]
+    # the checkout's own modules first: `-m` puts the working folder first on sys.path, and the
+    # worker it starts inherits the environment
+    path = str(root) if first is None else f"{first}:{root}"
+    full_env = {**os.environ, **env, "PYTHONPATH": path}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    return Started(process, log, ready.exists, f"local endpoint ({root})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_vllm_serve(tmp: Path, env: dict[str, str], port: int) -> Started:
+    """``bench/vllm_serve.py``: `vllm serve` with the worker's engine arguments; does not wait."""
+    log = tmp / "vllm-serve.log"
+    command = [sys.executable, str(ROOT / "bench" / "vllm_serve.py"), "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    return Started(process, log, ready, "vllm serve")
+
+
+def wait_ready(servers: list[Started], timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        while not server.ready():
+            if server.process.poll() is not None:
+                code = server.process.returncode
+                raise RuntimeError(f"{server.what} exited with {code}:\n{server.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{server.what} not ready in {timeout} s:\n{server.tail()}")
+            time.sleep(0.5)
+
+
+def stop_endpoint(endpoint: LocalEndpoint) -> None:
+    """The tests' stop (exit 0, nothing left behind); a failed check is reported, and does not
+    lose the run's results."""
+    try:
+        stop(endpoint)
+    except AssertionError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+
+
+def stop_vllm_serve(server: Started, timeout: float = 120) -> None:
+    """SIGTERM, as a user stops `vllm serve`; then SIGKILL whatever of it is left."""
+    family = psutil.Process(server.process.pid).children(recursive=True)
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+    _gone, alive = psutil.wait_procs(family, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The tree of ``rev`` extracted into ``into`` (``git archive``: nothing in the repository
+    changes), with the current checkout's untracked ``.venv`` link, if any."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", rev], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -338,6 +475,10 @@ class Plan:
     max_tokens: int
     prompt_tokens: int
     vocab: int
+    paths: list[str] = field(default_factory=lambda: ["bare", "serve", "full", "post100"])
+    modes: list[bool] = field(default_factory=lambda: [True, False])  # streamed?
+    lmcache: bool = True
+    before: str | None = None
     seed: int = 0
     probe_requests: int = 20
     probe_tokens: int = 8
@@ -346,7 +487,7 @@ class Plan:
         return max(4, self.rounds * concurrency)
 
     def prompts(self, streamed: bool, concurrency: int) -> list[list[int]]:
-        """Distinct prompts per cell (no cache hits), the same for both paths."""
+        """Distinct prompts per cell (no cache hits), the same for every path."""
         rng = random.Random(f"{self.seed}-{streamed}-{concurrency}")
         return [
             [rng.randrange(1000, self.vocab - 1000) for _ in range(self.prompt_tokens)]
@@ -364,85 +505,215 @@ class Plan:
         rng = random.Random(f"{self.seed}-warmup")
         return [[rng.randrange(1000, self.vocab - 1000) for _ in range(32)] for _ in range(4)]
 
-
-async def measure(env: dict[str, str], plan: Plan, progress: Progress) -> list[Cell]:
-    """Every engine up at once (an idle one takes no CPU), then every cell, paths interleaved."""
-    import openai
-
-    async with bare_engine(env) as llm, contextlib.AsyncExitStack() as stack:
-        endpoints = {d: stack.enter_context(full_path(env, d)) for d in (0.0, 100.0)}
-        clients = {
-            d: openai.AsyncOpenAI(base_url=e.openai_base, api_key=e.key, max_retries=0, timeout=900)
-            for d, e in endpoints.items()
-        }
-        for client in clients.values():
-            stack.push_async_callback(client.close)
-
-        def bare(streamed: bool) -> Call:
-            return lambda ids, n: bare_request(llm, ids, n, streamed)
-
-        def full(delay: float, streamed: bool) -> Call:
-            return lambda ids, n: full_request(clients[delay], ids, n, streamed)
-
-        def posts(delay: float) -> Callable[[], tuple[float, float]]:
-            e = endpoints[delay]
-            return lambda: (
-                endpoint_metric(e, STREAM_POSTS + "_sum"),
-                endpoint_metric(e, STREAM_POSTS + "_count"),
-            )
-
-        for call in (bare(True), full(0.0, True), full(100.0, True)):
-            await asyncio.gather(*(call(p, 16) for p in plan.warmup()))
-        # the TTFT probe: short streams one at a time, the engine otherwise idle (the long
-        # cells have too few requests at concurrency 1 for a stable median)
-        probes = [
-            Way(Cell("bare", True, 1, 0.0, probe=True), bare(True)),
-            Way(Cell("full", True, 1, 0.0, probe=True), full(0.0, True), posts(0.0)),
-        ]
-        cells = await interleaved(probes, plan.probe_prompts(), 1, plan.probe_tokens, progress)
-        for streamed in (True, False):
-            for c in plan.concurrency:
-                paths = [
-                    Way(Cell("bare", streamed, c, 0.0), bare(streamed)),
-                    Way(Cell("full", streamed, c, 0.0), full(0.0, streamed), posts(0.0)),
-                ]
-                if streamed:
-                    delayed = Cell("full", streamed, c, 100.0)
-                    paths.append(Way(delayed, full(100.0, streamed), posts(100.0)))
-                prompts = plan.prompts(streamed, c)
-                cells += await interleaved(paths, prompts, c, plan.max_tokens, progress)
-    return sorted(cells, key=lambda x: (x.path, x.post_delay_ms, not x.probe, not x.streamed))
+    def cells(self) -> int:
+        streamed = sum(self.modes) * len(self.concurrency) * len(self.paths)
+        one_shot = (len(self.modes) - sum(self.modes)) * len(self.concurrency)
+        one_shot *= len([p for p in self.paths if p != "post100"])
+        return streamed + one_shot + (len(self.paths) if self.probe_requests else 0)
 
 
-def find(
-    cells: list[Cell], path: str, streamed: bool, c: int, delay: float = 0.0, probe: bool = False
-) -> Cell:
-    return next(
-        x
-        for x in cells
-        if (x.path, x.streamed, x.concurrency, x.post_delay_ms, x.probe)
-        == (path, streamed, c, delay, probe)
+@dataclass
+class Lane:
+    """How one path is called: a request maker per mode, and its stream POST counter."""
+
+    call: Callable[[bool], Call]
+    posts: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)
+    owns: Owns = lambda _pid, _family: True
+
+
+def openai_lane(client: Any, endpoint: LocalEndpoint | None = None) -> Lane:
+    def call(streamed: bool) -> Call:
+        return lambda ids, n: openai_request(client, ids, n, streamed)
+
+    if endpoint is None:
+        return Lane(call)
+    e = endpoint
+    return Lane(
+        call,
+        lambda: (
+            endpoint_metric(e, STREAM_POSTS + "_sum"),
+            endpoint_metric(e, STREAM_POSTS + "_count"),
+        ),
     )
 
 
+@contextlib.asynccontextmanager
+async def lanes(env: dict[str, str], plan: Plan, tmp: Path) -> Any:
+    """Every path of the plan, started together (the servers while the bare engine loads)."""
+    import openai
+
+    roots = {"full": ROOT, "post100": ROOT}
+    if "before" in plan.paths:
+        roots["before"] = checkout(plan.before or "HEAD", tmp / "before-tree")
+    servers: dict[str, Started] = {}
+    port = free_port()
+    async with contextlib.AsyncExitStack() as stack:
+        for name in plan.paths:
+            if name in roots:
+                (tmp / name).mkdir()
+                delay = POST_DELAY_MS.get(name, 0.0)
+                servers[name] = start_endpoint(roots[name], tmp / name, env, delay)
+                started = servers[name]
+                stack.callback(stop_endpoint, LocalEndpoint("", started.process, started.log))
+            elif name == "serve":
+                servers[name] = start_vllm_serve(tmp, env, port)
+                stack.callback(stop_vllm_serve, servers[name])
+        found: dict[str, Lane] = {}
+        if "bare" in plan.paths:
+            llm = await stack.enter_async_context(bare_engine(env))
+            found["bare"] = Lane(lambda s: lambda ids, n: bare_request(llm, ids, n, s))
+        await asyncio.to_thread(wait_ready, list(servers.values()))
+        for name, server in servers.items():
+            endpoint: LocalEndpoint | None = None
+            if name == "serve":
+                base, key = f"http://127.0.0.1:{port}/v1", "unused"
+            else:
+                url = json.loads((tmp / name / "ready.json").read_text())["url"]
+                endpoint = LocalEndpoint(url=url, process=server.process, log=server.log)
+                base, key = endpoint.openai_base, endpoint.key
+            client = openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0, timeout=900)
+            stack.push_async_callback(client.close)
+            found[name] = openai_lane(client, endpoint)
+            root = server.process.pid
+            found[name].owns = lambda _pid, family, root=root: root in family  # type: ignore[misc]
+        roots_now = frozenset(server.process.pid for server in servers.values())
+        if "bare" in found:  # this process's own engine: not under any server started
+            found["bare"].owns = lambda _pid, family: not family & roots_now
+        yield {name: found[name] for name in plan.paths}
+
+
+async def measure(env: dict[str, str], plan: Plan, progress: Progress) -> list[Cell]:
+    """Every engine up at once (an idle one takes no CPU), then every cell, paths interleaved."""
+    with tempfile.TemporaryDirectory() as folder:
+        async with lanes(env, plan, Path(folder)) as found:
+            for lane in found.values():
+                await asyncio.gather(*(lane.call(True)(p, 16) for p in plan.warmup()))
+            cells: list[Cell] = []
+            if plan.probe_requests:
+                # the TTFT probe: short streams one at a time, the engine otherwise idle (the long
+                # cells have too few requests at concurrency 1 for a stable median)
+                probes = [
+                    Way(Cell(name, True, 1, probe=True), lane.call(True), lane.posts, lane.owns)
+                    for name, lane in found.items()
+                    if name != "post100"
+                ]
+                prompts = plan.probe_prompts()
+                cells += await interleaved(probes, prompts, 1, plan.probe_tokens, progress)
+            for streamed in plan.modes:
+                for c in plan.concurrency:
+                    ways = [
+                        Way(
+                            Cell(name, streamed, c, POST_DELAY_MS.get(name, 0.0)),
+                            lane.call(streamed),
+                            lane.posts,
+                            lane.owns,
+                        )
+                        for name, lane in found.items()
+                        if streamed or name != "post100"  # one POST a job: nothing to delay
+                    ]
+                    prompts = plan.prompts(streamed, c)
+                    cells += await interleaved(ways, prompts, c, plan.max_tokens, progress)
+    order = list(PATHS)
+    return sorted(
+        cells, key=lambda x: (not x.probe, not x.streamed, x.concurrency, order.index(x.path))
+    )
+
+
+def find(cells: list[Cell], path: str, streamed: bool, c: int, probe: bool = False) -> Cell | None:
+    return next(
+        (
+            x
+            for x in cells
+            if (x.path, x.streamed, x.concurrency, x.probe) == (path, streamed, c, probe)
+        ),
+        None,
+    )
+
+
+WORKER = "worker: runpod loop, handler, vLLM frontend"
+
+
+def worker_cpu(cell: Cell) -> float | None:
+    return cell.cpu_s_per_1k_tokens.get(WORKER)
+
+
+def ratio_rows(cells: list[Cell], plan: Plan) -> list[dict[str, Any]]:
+    """The full path against every other path, cell by cell: output tok/s as a ratio, TTFT p50
+    as a difference in ms, and (against ``before``) the worker's CPU per 1,000 tokens as a ratio."""
+    rows = []
+    for x in cells:
+        if x.path != "full":
+            continue
+        row: dict[str, Any] = {"mode": x.label.split(", ", 1)[1], "concurrency": x.concurrency}
+        for other in ("bare", "serve", "before", "post100"):
+            ref = find(cells, other, x.streamed, x.concurrency, x.probe)
+            if ref is None:
+                continue
+            row[f"tok_s_full_over_{other}"] = round(x.tok_s / ref.tok_s, 3)
+            if x.ttft_p50_ms is not None and ref.ttft_p50_ms is not None:
+                row[f"ttft_p50_full_minus_{other}_ms"] = round(x.ttft_p50_ms - ref.ttft_p50_ms, 1)
+            if other == "before" and worker_cpu(x) and worker_cpu(ref):
+                row["worker_cpu_full_over_before"] = round(worker_cpu(x) / worker_cpu(ref), 3)  # type: ignore[operator]
+        rows.append(row)
+    return rows
+
+
 def targets(cells: list[Cell], plan: Plan) -> list[dict[str, Any]]:
-    """The issue's targets, each a ratio or difference within this run."""
-    bare, full = find(cells, "bare", True, 1, probe=True), find(cells, "full", True, 1, probe=True)
-    overhead = (full.ttft_p50_ms or 0.0) - (bare.ttft_p50_ms or 0.0)
-    name = "TTFT p50 overhead ms (probe: idle engine, one at a time)"
-    rows = [target(name, overhead, 10.0, at_most=True)]
+    """The issues' targets that this run's paths can check, each a ratio or difference."""
+    rows: list[dict[str, Any]] = []
+    full_probe = find(cells, "full", True, 1, probe=True)
+    for other, bound in (("bare", 10.0), ("serve", 10.0)):
+        ref = find(cells, other, True, 1, probe=True)
+        if full_probe and ref:
+            overhead = (full_probe.ttft_p50_ms or 0.0) - (ref.ttft_p50_ms or 0.0)
+            name = f"TTFT p50, full - {other}, ms (probe: idle engine, one at a time)"
+            rows.append(target(name, overhead, bound, at_most=True))
     for c in plan.concurrency:
-        for streamed in (True, False):
-            bare, full = find(cells, "bare", streamed, c), find(cells, "full", streamed, c)
+        for streamed in plan.modes:
+            full = find(cells, "full", streamed, c)
+            if full is None:
+                continue
             mode = "streamed" if streamed else "one-shot"
-            rows.append(
-                target(f"output tok/s, full / bare, {mode}, c={c}", full.tok_s / bare.tok_s, 0.95)
-            )
-        bare = find(cells, "bare", True, c)
-        delayed = find(cells, "full", True, c, 100.0)
-        rows.append(
-            target(f"output tok/s, POST +100 ms / bare, c={c}", delayed.tok_s / bare.tok_s, 0.9)
-        )
+            bare, serve = find(cells, "bare", streamed, c), find(cells, "serve", streamed, c)
+            if bare:
+                rows.append(
+                    target(
+                        f"output tok/s, full / bare, {mode}, c={c}", full.tok_s / bare.tok_s, 0.95
+                    )
+                )
+            if serve and streamed and c in (1, 16):
+                rows.append(
+                    target(
+                        f"output tok/s, full / vllm serve, {mode}, c={c}",
+                        full.tok_s / serve.tok_s,
+                        0.98,
+                    )
+                )
+            if serve and streamed and c == 16:
+                ttft = (full.ttft_p50_ms or 0.0) - (serve.ttft_p50_ms or 0.0)
+                rows.append(
+                    target(f"TTFT p50, full - vllm serve, ms, c={c}", ttft, 20.0, at_most=True)
+                )
+            before = find(cells, "before", streamed, c)
+            if before and streamed and c in (1, 16):
+                rows.append(
+                    target(
+                        f"output tok/s, full / before, {mode}, c={c}",
+                        full.tok_s / before.tok_s,
+                        0.95,
+                    )
+                )
+                now, then = worker_cpu(full), worker_cpu(before)
+                if now and then:
+                    name = f"worker CPU-s per 1k tokens, full / before, {mode}, c={c}"
+                    rows.append(target(name, now / then, 1.05, at_most=True))
+            delayed = find(cells, "post100", streamed, c)
+            if bare and delayed:
+                rows.append(
+                    target(
+                        f"output tok/s, POST +100 ms / bare, c={c}", delayed.tok_s / bare.tok_s, 0.9
+                    )
+                )
     return rows
 
 
@@ -484,6 +755,38 @@ def table(cells: list[Cell]) -> str:
             f"{fmt(x.itl_p50_ms, 1)} | {fmt(x.itl_p99_ms, 1)} | {x.tok_s:.1f} | "
             f"{fmt(x.posts_per_job, 1)} |"
         )
+    return "\n".join(lines)
+
+
+def ratio_table(rows: list[dict[str, Any]]) -> str:
+    """The full path over each other path, one line per cell."""
+    columns = [
+        ("tok/s full / bare", "tok_s_full_over_bare", 2),
+        ("tok/s full / vllm serve", "tok_s_full_over_serve", 2),
+        ("tok/s full / before", "tok_s_full_over_before", 2),
+        ("TTFT p50 full - bare ms", "ttft_p50_full_minus_bare_ms", 0),
+        ("TTFT p50 full - vllm serve ms", "ttft_p50_full_minus_serve_ms", 0),
+        ("TTFT p50 full - before ms", "ttft_p50_full_minus_before_ms", 0),
+        ("worker CPU/1k tokens full / before", "worker_cpu_full_over_before", 2),
+    ]
+    shown = [c for c in columns if any(c[1] in row for row in rows)]
+    lines = [
+        "| full path | concurrency | " + " | ".join(c[0] for c in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
+    for row in rows:
+        values = []
+        for _, key, digits in shown:
+            value = row.get(key)
+            text = (
+                "—"
+                if value is None
+                else f"{value:+.{digits}f}"
+                if "minus" in key
+                else f"{value:.{digits}f}"
+            )
+            values.append(text)
+        lines.append(f"| {row['mode']} | {row['concurrency']} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
@@ -530,7 +833,20 @@ def compare(cells: list[Cell], baseline: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def chart(cells: list[Cell], plan: Plan, where: dict[str, Any], out: Path) -> None:
+def _bars(ax: Any, series: dict[str, list[float | None]], ticks: list[str]) -> None:
+    width = 0.8 / max(len(series), 1)
+    for k, (label, values) in enumerate(series.items()):
+        xs = [
+            j + (k - (len(series) - 1) / 2) * width for j, v in enumerate(values) if v is not None
+        ]
+        ax.bar(xs, [v for v in values if v is not None], width, label=label)
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def chart(
+    cells: list[Cell], ratios: list[dict[str, Any]], plan: Plan, where: dict[str, Any], out: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -538,31 +854,52 @@ def chart(cells: list[Cell], plan: Plan, where: dict[str, Any], out: Path) -> No
 
     cells = [x for x in cells if not x.probe]  # the probe is in the table
     labels = list(dict.fromkeys(x.label for x in cells))
-    panels = [
+    ticks = [f"c={c}" for c in plan.concurrency]
+    panels: list[tuple[str, Callable[[Cell], float | None]]] = [
         ("output tokens/s (higher is better)", lambda x: x.tok_s),
         ("time to first token p50, ms", lambda x: x.ttft_p50_ms),
         ("inter-token latency p50, ms", lambda x: x.itl_p50_ms),
         ("stream POSTs per job", lambda x: x.posts_per_job),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    width = 0.8 / len(labels)
-    for ax, (title, value) in zip(axes.flat, panels, strict=True):
-        for k, label in enumerate(labels):
-            xs, ys = [], []
-            for j, c in enumerate(plan.concurrency):
-                cell = next((x for x in cells if x.label == label and x.concurrency == c), None)
-                v = value(cell) if cell else None
-                if v is not None:
-                    xs.append(j + (k - (len(labels) - 1) / 2) * width)
-                    ys.append(v)
-            ax.bar(xs, ys, width, label=label)
-        ax.set_xticks(range(len(plan.concurrency)), [f"c={c}" for c in plan.concurrency])
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
+    for ax, (title, value) in zip(axes.flat, panels, strict=False):
+        series = {}
+        for label in labels:
+            row = [
+                next((x for x in cells if x.label == label and x.concurrency == c), None)
+                for c in plan.concurrency
+            ]
+            series[label] = [value(x) if x else None for x in row]
+        _bars(ax, series, ticks)
         ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    streamed = [r for r in ratios if r["mode"] == "streamed"]
+    by_c = {r["concurrency"]: r for r in streamed}
+    for ax, (title, key, unit) in zip(
+        axes.flat[4:],
+        (
+            ("full path's output tok/s over each path (streamed)", "tok_s_full_over_", ""),
+            (
+                "full path's TTFT p50 minus each path's, ms (streamed)",
+                "ttft_p50_full_minus_",
+                "_ms",
+            ),
+        ),
+        strict=True,
+    ):
+        series = {}
+        for other in ("bare", "serve", "before", "post100"):
+            values = [by_c.get(c, {}).get(f"{key}{other}{unit}") for c in plan.concurrency]
+            if any(v is not None for v in values):
+                series[f"over {PATHS[other]}" if not unit else f"minus {PATHS[other]}"] = values
+        _bars(ax, series, ticks)
+        ax.axhline(0 if unit else 1, color="black", linewidth=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
     fig.suptitle(
-        f"{MODEL_ID}, prompt {plan.prompt_tokens} tokens, {plan.max_tokens} generated, greedy; "
-        f"{where['cpu']}, {where['cores']} cores, no GPU",
+        f"{MODEL_ID}, prompt {plan.prompt_tokens} tokens, {plan.max_tokens} generated, greedy, "
+        f"LMCache {'on' if plan.lmcache else 'off'}; {where['cpu']}, {where['cores']} cores, "
+        "no GPU",
         fontsize=10,
     )
     fig.tight_layout()
@@ -570,36 +907,69 @@ def chart(cells: list[Cell], plan: Plan, where: dict[str, Any], out: Path) -> No
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument(
-        "--rounds", type=int, default=2, help="requests per cell: rounds x concurrency, at least 4"
-    )
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--baseline", type=Path, help="an earlier load.json to compare with")
-    options = parser.parse_args()
-
-    env = local_env()
-    apply_process_environment({**env, **LOCAL_ONLY})
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(env["MODEL_NAME"]).vocab_size
-    plan = Plan(
+def parse_plan(options: argparse.Namespace, vocab: int) -> Plan:
+    paths = [p.strip() for p in options.paths.split(",") if p.strip()]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise SystemExit(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
+    if "before" in paths and not options.before:
+        raise SystemExit("--paths before needs --before REV (a commit of this repository)")
+    if options.before and "before" not in paths:
+        paths.append("before")
+    modes = [m.strip() for m in options.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"streamed", "one-shot"}:
+        raise SystemExit("--modes: streamed, one-shot or both")
+    return Plan(
         [int(c) for c in options.concurrency.split(",")],
         options.rounds,
         options.max_tokens,
         options.prompt_tokens,
         vocab,
+        paths=[p for p in PATHS if p in paths],
+        modes=[m == "streamed" for m in ("streamed", "one-shot") if m in modes],
+        lmcache=options.lmcache == "on",
+        before=options.before,
+        probe_requests=options.probe,
     )
-    progress = Progress(len(plan.concurrency) * 5 + 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--paths",
+        default="bare,serve,full,post100",
+        help=f"comma-separated, of: {', '.join(PATHS)} (before: see --before)",
+    )
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--modes", default="streamed,one-shot")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="requests per cell: rounds x concurrency, at least 4"
+    )
+    parser.add_argument("--probe", type=int, default=20, help="TTFT probe requests; 0: none")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument(
+        "--before", help="a commit whose full path runs too, as path `before` (e.g. ffbb7be)"
+    )
+    parser.add_argument("--lmcache", choices=("on", "off"), default="on")
+    parser.add_argument("--baseline", type=Path, help="an earlier load.json to compare with")
+    options = parser.parse_args()
+
+    env = local_env()
+    env["LMCACHE_ENABLED"] = "true" if options.lmcache == "on" else "false"
+    apply_process_environment({**env, **LOCAL_ONLY})
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(env["MODEL_NAME"]).vocab_size
+    plan = parse_plan(options, vocab)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    progress = Progress(plan.cells())
     started = time.perf_counter()
     cells = asyncio.run(measure(env, plan, progress))
 
     where = machine()
-    rows = targets(cells, plan)
+    rows, ratios = targets(cells, plan), ratio_rows(cells, plan)
     options.out.mkdir(parents=True, exist_ok=True)
     result = {
         "command": "make bench (" + " ".join(["bench/load.py", *sys.argv[1:]]) + ")",
@@ -611,13 +981,18 @@ def main() -> None:
             {k: v for k, v in asdict(c).items() if k != "samples"} | {"label": c.label}
             for c in cells
         ],
+        "ratios": ratios,
         "targets": rows,
     }
     (options.out / "load.json").write_text(json.dumps(result, indent=1) + "\n")
-    chart(cells, plan, where, options.out / "load.png")
-    print(f"\n{MODEL_ID}; {where['cpu']}, {where['cores']} cores; took {result['took_s']} s")
-    print(f"{plan.requests(1)}..{plan.requests(max(plan.concurrency))} requests per cell\n")
-    print(table(cells) + "\n\n" + target_table(rows))
+    chart(cells, ratios, plan, where, options.out / "load.png")
+    lmcache = "on" if plan.lmcache else "off"
+    print(f"\n{MODEL_ID}; LMCache {lmcache}; {where['cpu']}, {where['cores']} cores")
+    print(
+        f"took {result['took_s']} s; {plan.requests(min(plan.concurrency))}.."
+        f"{plan.requests(max(plan.concurrency))} requests per cell\n"
+    )
+    print(table(cells) + "\n\n" + ratio_table(ratios) + "\n\n" + target_table(rows))
     print("\nCPU seconds per 1,000 output tokens, by process\n\n" + cpu_table(cells))
     if options.baseline:
         print("\nagainst " + str(options.baseline) + "\n")

@@ -1,0 +1,227 @@
+"""Where a request's time to first token goes when ``--concurrency`` requests arrive together:
+the full path against `vllm serve`, hop by hop.
+
+Starts the full path (local endpoint, one worker) and `vllm serve` (``bench/vllm_serve.py``,
+the worker's engine arguments) with ``bench/trace/sitecustomize.py`` first on their path, which
+timestamps each hop (job queued, job-take answered, answer read by runpod's loop, job started,
+handler into vLLM's app, vLLM's engine request, its first output, the first SSE event, the first
+coalesced batch, the first stream POST, its arrival at the endpoint, the first chunk relayed).
+Then ``--bursts`` bursts through each path in turn (after the same settle time as
+``bench/load.py``), short streams (``--max-tokens``) of distinct random prompts. Every request
+is tagged (``user`` for the full path, ``X-Request-Id`` for `vllm serve`), so the hops of the
+processes line up.
+
+Prints, per path, each hop's median time after the client sent the request, and the median
+step from the hop before it; and each burst's spread of arrivals at the engine.
+
+Usage: scripts/in-env python bench/burst_timeline.py [--bursts 4] [--concurrency 16]
+    [--lmcache on|off] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from load import (  # noqa: E402
+    SETTLE_S,
+    free_port,
+    start_endpoint,
+    start_vllm_serve,
+    stop_endpoint,
+    stop_vllm_serve,
+    wait_ready,
+)
+
+from handler.settings import LOCAL_ONLY, apply_process_environment  # noqa: E402
+from tests.integration.conftest import MODEL_ID, local_env  # noqa: E402
+from tests.local_endpoint import LocalEndpoint  # noqa: E402
+
+TRACE = ROOT / "bench" / "trace"
+CLIENT_SENT, CLIENT_FIRST = "client: request sent", "client: first token"
+
+
+def mark(out: Any, hop: str, key: str) -> None:
+    out.write(json.dumps({"t": time.time(), "hop": hop, "key": key}) + "\n")
+
+
+async def one(client: Any, ids: list[int], tag: str, serve: bool, n: int, out: Any) -> None:
+    extra: dict[str, Any] = {"extra_headers": {"X-Request-Id": tag}} if serve else {"user": tag}
+    mark(out, CLIENT_SENT, tag)
+    stream = await client.completions.create(
+        model=MODEL_ID,
+        prompt=ids,
+        max_tokens=n,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+        **extra,
+    )
+    first = True
+    async for chunk in stream:
+        if first and chunk.choices and chunk.choices[0].text:
+            mark(out, CLIENT_FIRST, tag)
+            first = False
+
+
+def read_marks(folder: Path) -> list[dict[str, Any]]:
+    marks = []
+    for path in folder.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                marks.append(json.loads(line))
+    return marks
+
+
+def by_request(marks: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """tag -> hop -> first time seen; job ids and vLLM request ids resolved to the tag."""
+    tags = {m["key"]: m["hop"].removeprefix("tag ") for m in marks if m["hop"].startswith("tag ")}
+    known = set(tags.values()) | {m["key"] for m in marks if m["hop"] == CLIENT_SENT}
+    found: dict[str, dict[str, float]] = defaultdict(dict)
+    for m in sorted(marks, key=lambda m: m["t"]):
+        if m["hop"].startswith("tag "):
+            continue
+        key = m["key"]
+        tag = key if key in known else tags.get(key)
+        if tag is None:  # vLLM's request id holds the job id (full path) or the tag (serve)
+            tag = next((t for k, t in tags.items() if k in key), None)
+            tag = tag or next((t for t in known if t in key), None)
+        if tag is not None:
+            found[tag].setdefault(m["hop"], m["t"])
+    return found
+
+
+def report(name: str, requests: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Each hop's median time after the request was sent, in the order of those medians."""
+    hops: dict[str, list[float]] = defaultdict(list)
+    for times in requests.values():
+        if CLIENT_SENT in times:
+            for hop, t in times.items():
+                hops[hop].append((t - times[CLIENT_SENT]) * 1000)
+    rows = sorted(((statistics.median(v), hop, len(v)) for hop, v in hops.items()))
+    print(f"\n{name}: {len(requests)} requests\n")
+    print("| hop | ms after sent (p50) | step (p50 of medians) | requests |")
+    print("|---|---|---|---|")
+    last = 0.0
+    for median, hop, count in rows:
+        print(f"| {hop} | {median:.1f} | {median - last:+.1f} | {count} |")
+        last = median
+    return {"path": name, "hops": [{"hop": h, "p50_ms": round(m, 1), "n": n} for m, h, n in rows]}
+
+
+def spreads(requests: dict[str, dict[str, float]], hop: str) -> list[float]:
+    """Per burst: last minus first arrival at ``hop``, ms (tags are burst-index)."""
+    bursts: dict[str, list[float]] = defaultdict(list)
+    for tag, times in requests.items():
+        if hop in times:
+            bursts[tag.rsplit("-", 1)[0]].append(times[hop])
+    return [round((max(v) - min(v)) * 1000, 1) for v in bursts.values()]
+
+
+async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict[str, Any]:
+    import openai
+
+    traces = tmp / "trace"
+    traces.mkdir()
+    traced = {**env, "BURST_TRACE_DIR": str(traces)}
+    (tmp / "full").mkdir()
+    full = start_endpoint(ROOT, tmp / "full", traced, 0.0, first=str(TRACE))
+    port = free_port()
+    serve_env = {**traced, "PYTHONPATH": f"{TRACE}:{ROOT}"}
+    serve = start_vllm_serve(tmp, serve_env, port)
+    endpoint = LocalEndpoint("", full.process, full.log)
+    try:
+        await asyncio.to_thread(wait_ready, [full, serve])
+        endpoint.url = json.loads((tmp / "full" / "ready.json").read_text())["url"]
+        clients = {
+            "full path": openai.AsyncOpenAI(
+                base_url=endpoint.openai_base, api_key=endpoint.key, max_retries=0, timeout=600
+            ),
+            "vllm serve": openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+            ),
+        }
+        rng = random.Random(options.seed)
+
+        def prompt() -> list[int]:
+            return [rng.randrange(1000, 48000) for _ in range(options.prompt_tokens)]
+
+        with (tmp / "client.jsonl").open("w", buffering=1) as out:
+            for name, client in clients.items():  # warm-up
+                await asyncio.gather(
+                    *(
+                        one(client, prompt(), f"w{name[0]}-{i}e", "serve" in name, 4, out)
+                        for i in range(4)
+                    )
+                )
+            for burst in range(options.bursts):
+                for name, client in clients.items():
+                    await asyncio.sleep(SETTLE_S)
+                    tags = [f"{name[0]}{burst}-{i}e" for i in range(options.concurrency)]
+                    await asyncio.gather(
+                        *(
+                            one(client, prompt(), tag, "serve" in name, options.max_tokens, out)
+                            for tag in tags
+                        )
+                    )
+        for client in clients.values():
+            await client.close()
+    finally:
+        stop_endpoint(endpoint)
+        stop_vllm_serve(serve)
+    marks = read_marks(traces) + read_marks(tmp)
+    requests = by_request(marks)
+    result: dict[str, Any] = {"lmcache": options.lmcache, "concurrency": options.concurrency}
+    for name in ("full path", "vllm serve"):
+        mine = {t: v for t, v in requests.items() if t[0] == name[0] and not t.startswith("w")}
+        result[name] = report(name, mine)
+        engine_spread = spreads(mine, "vLLM: request to the engine")
+        print(f"\n{name}: arrivals at the engine spread over (ms, per burst): {engine_spread}")
+        result[name]["engine_arrival_spread_ms"] = engine_spread
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bursts", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--lmcache", choices=("on", "off"), default="on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the medians here")
+    parser.add_argument(
+        "--switch-interval", help="sys.setswitchinterval in the traced processes (an experiment)"
+    )
+    options = parser.parse_args()
+    env = local_env()
+    env["LMCACHE_ENABLED"] = "true" if options.lmcache == "on" else "false"
+    if options.switch_interval:
+        env["BURST_SWITCH_INTERVAL"] = options.switch_interval
+    apply_process_environment({**env, **LOCAL_ONLY})
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as folder:
+        result = asyncio.run(run(options, env, Path(folder)))
+    if options.json:
+        options.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

@@ -1,0 +1,94 @@
+"""bench/load.py's arithmetic and bench/burst_timeline.py's matching of hops to requests, on
+made-up cells and marks (the benchmarks themselves need engines: ``make bench``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import burst_timeline  # noqa: E402
+import load  # noqa: E402
+
+WORKER = load.WORKER
+
+
+def cell(path: str, c: int, tok_s: float, ttft: float, worker_cpu: float = 1.0) -> load.Cell:
+    x = load.Cell(path, True, c, tok_s=tok_s, ttft_p50_ms=ttft)
+    x.cpu_s_per_1k_tokens = {WORKER: worker_cpu}
+    return x
+
+
+def plan(paths: list[str]) -> load.Plan:
+    return load.Plan([1, 16], 2, 256, 128, 49152, paths=paths, modes=[True], before="abc")
+
+
+def test_ratios_put_the_full_path_over_every_other_path() -> None:
+    cells = [
+        cell("bare", 16, 200.0, 2000.0),
+        cell("serve", 16, 190.0, 2010.0),
+        cell("full", 16, 180.5, 2050.0, worker_cpu=2.1),
+        cell("before", 16, 190.0, 2100.0, worker_cpu=2.0),
+    ]
+    assert load.ratio_rows(cells, plan(["bare", "serve", "full", "before"])) == [
+        {
+            "mode": "streamed",
+            "concurrency": 16,
+            "tok_s_full_over_bare": 0.902,
+            "ttft_p50_full_minus_bare_ms": 50.0,
+            "tok_s_full_over_serve": 0.95,
+            "ttft_p50_full_minus_serve_ms": 40.0,
+            "tok_s_full_over_before": 0.95,
+            "ttft_p50_full_minus_before_ms": -50.0,
+            "worker_cpu_full_over_before": 1.05,
+        }
+    ]
+
+
+def test_targets_are_those_the_chosen_paths_can_check() -> None:
+    cells = [
+        cell("serve", 1, 20.0, 180.0),
+        cell("full", 1, 19.8, 190.0, worker_cpu=2.2),
+        cell("before", 1, 20.0, 200.0, worker_cpu=2.0),
+        cell("serve", 16, 190.0, 2010.0),
+        cell("full", 16, 180.0, 2040.0),
+        cell("before", 16, 180.0, 2100.0),
+    ]
+    rows = load.targets(cells, plan(["serve", "full", "before"]))
+    assert [(r["name"], r["value"], r["met"]) for r in rows] == [
+        ("output tok/s, full / vllm serve, streamed, c=1", 0.99, True),
+        ("output tok/s, full / before, streamed, c=1", 0.99, True),
+        ("worker CPU-s per 1k tokens, full / before, streamed, c=1", 1.1, False),
+        ("output tok/s, full / vllm serve, streamed, c=16", 0.947, False),
+        ("TTFT p50, full - vllm serve, ms, c=16", 30.0, False),
+        ("output tok/s, full / before, streamed, c=16", 1.0, True),
+        ("worker CPU-s per 1k tokens, full / before, streamed, c=16", 1.0, True),
+    ]
+
+
+def test_cpu_of_other_paths_is_kept_apart() -> None:
+    me = load.cpu_by_process()
+    spent = load.cpu_spent(me, lambda _pid, _family: False)
+    assert set(spent) <= {"client", load.IDLE}
+
+
+def test_hops_of_all_processes_line_up_by_tag() -> None:
+    marks = [
+        {"t": 10.000, "hop": burst_timeline.CLIENT_SENT, "key": "f0-1e"},
+        {"t": 10.002, "hop": "endpoint: job queued", "key": "job-a"},
+        {"t": 10.002, "hop": "tag f0-1e", "key": "job-a"},
+        {"t": 10.010, "hop": "vLLM: request to the engine", "key": "cmpl-job-a-0"},
+        {"t": 10.011, "hop": "vLLM: request to the engine", "key": "cmpl-v0-10e-0"},
+        {"t": 10.020, "hop": burst_timeline.CLIENT_SENT, "key": "v0-1e"},
+        {"t": 10.021, "hop": "vLLM: request to the engine", "key": "cmpl-v0-1e-0"},
+    ]
+    assert dict(burst_timeline.by_request(marks)) == {
+        "f0-1e": {
+            burst_timeline.CLIENT_SENT: 10.000,
+            "endpoint: job queued": 10.002,
+            "vLLM: request to the engine": 10.010,
+        },
+        "v0-1e": {burst_timeline.CLIENT_SENT: 10.020, "vLLM: request to the engine": 10.021},
+    }
