@@ -14,21 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.local_endpoint import LocalEndpoint, local_endpoint
+from tests.local_endpoint import LocalEndpoint, fake_endpoint
 
 PAUSE_S = 0.5  # per streamed event: a job runs about 5 s
 
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEndpoint]:
-    env = {"FAKE_ENGINE_PAUSE": str(PAUSE_S), "STREAM_FLUSH_INTERVAL_MS": "0"}
-    with local_endpoint(
-        tmp_path_factory.mktemp("disk-endpoint"),
-        env,
-        "--worker-module",
-        "tests.fake_worker",
-        start_timeout=60,
-    ) as started:
+    with fake_endpoint(tmp_path_factory.mktemp("disk-endpoint"), PAUSE_S) as started:
         yield started
 
 

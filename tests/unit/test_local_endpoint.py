@@ -20,7 +20,7 @@ import pytest
 import runpod
 
 from tests.fakes import TEXT
-from tests.local_endpoint import LocalEndpoint, local_endpoint
+from tests.local_endpoint import LocalEndpoint, fake_endpoint, local_endpoint
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PAUSE_S = 0.25  # per streamed event: a fake stream lasts about 2.5 s, long enough to cancel
@@ -28,17 +28,8 @@ PAUSE_S = 0.25  # per streamed event: a fake stream lasts about 2.5 s, long enou
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEndpoint]:
-    env = {"FAKE_ENGINE_PAUSE": str(PAUSE_S), "STREAM_FLUSH_INTERVAL_MS": "0"}
-    with local_endpoint(
-        tmp_path_factory.mktemp("fake-endpoint"),
-        env,
-        "--workers",
-        "2",
-        "--worker-module",
-        "tests.fake_worker",
-        "--take-timeout-s",
-        "5",
-        start_timeout=60,
+    with fake_endpoint(
+        tmp_path_factory.mktemp("fake-endpoint"), PAUSE_S, "--workers", "2"
     ) as started:
         yield started
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from handler.local.app import MAX_JSON_DEPTH
 from tests.fuzz_inputs import fuzz_settings
-from tests.local_endpoint import KEY, LocalEndpoint, local_endpoint
+from tests.local_endpoint import KEY, LocalEndpoint, fake_endpoint
 
 # a tenth of the handler fuzz's count (each example is a few HTTP round trips), 20 to 100
 ENDPOINT_EXAMPLES = max(20, min(100, int(os.environ.get("FUZZ_EXAMPLES", "10000")) // 10))
@@ -73,15 +73,7 @@ def openai_bodies(value: bytes) -> st.SearchStrategy[bytes]:
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEndpoint]:
-    with local_endpoint(
-        tmp_path_factory.mktemp("fuzz-endpoint"),
-        {"FAKE_ENGINE_PAUSE": "0", "STREAM_FLUSH_INTERVAL_MS": "0"},
-        "--worker-module",
-        "tests.fake_worker",
-        "--take-timeout-s",
-        "5",
-        start_timeout=60,
-    ) as started:
+    with fake_endpoint(tmp_path_factory.mktemp("fuzz-endpoint"), 0) as started:
         yield started
 
 

@@ -24,23 +24,10 @@ from handler.local.app import MAX_JSON_DEPTH, encode_taken
 from handler.local.jobstore import JobStore, Status
 from tests.fake_worker import DIE
 from tests.fakes import TEXT
-from tests.local_endpoint import KEY, LocalEndpoint, local_endpoint
+from tests.local_endpoint import KEY, LocalEndpoint, fake_endpoint
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SLOW_S = 5.0  # a one-shot request's time in the fake engine
-
-
-def fake_endpoint(tmp: Path, pause: float, *args: str, **env: str) -> Any:
-    return local_endpoint(
-        tmp,
-        {"FAKE_ENGINE_PAUSE": str(pause), "STREAM_FLUSH_INTERVAL_MS": "0", **env},
-        "--worker-module",
-        "tests.fake_worker",
-        "--take-timeout-s",
-        "5",
-        *args,
-        start_timeout=60,
-    )
 
 
 @pytest.fixture(scope="module")
