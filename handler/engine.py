@@ -8,10 +8,12 @@ for ``--tensor-parallel-size``); flags of its HTTP server alone are refused or i
 Every request is an ASGI call of that app (no server, no socket): a job's route, method and body
 become the request, so vLLM's routers, request validation, exception handlers and SSE encoding
 answer exactly as ``vllm serve`` would. The engine and the app live on an event loop of their
-own, in a thread: vLLM binds its objects to the loop that built them, while runpod runs jobs on a
-loop it makes later. :meth:`VllmEngine.serve` may be awaited from any loop; a streamed answer is
-carried across as whole SSE events, and leaving it early tells the app the client disconnected,
-which aborts the vLLM request.
+own, in a thread (vLLM binds its objects to the loop that built them), and the worker runs
+runpod's job loop on that same loop (:attr:`VllmEngine.loop`), so a job calls the app as uvicorn
+would: no thread hop and no GIL contention per event, as in ``vllm serve``.
+:meth:`VllmEngine.serve` may also be awaited from any other loop (``make run``, tests): each event
+then crosses threads. A streamed answer is carried as whole SSE events, and leaving it early tells
+the app the client disconnected, which aborts the vLLM request.
 
 Out: the JSON answer as a dict, or an async iterator of SSE events. Errors: an error answer
 becomes :class:`~handler.errors.EngineError` with vLLM's status and body; a malformed argument
@@ -30,7 +32,6 @@ import shlex
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -365,18 +366,33 @@ class VllmEngine:
             for method in sorted(getattr(route, "methods", None) or {"*"})
         ]
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the engine and its app run on. A caller on this loop (the worker's job
+        loop runs here) calls the app directly; one on any other loop hops between threads for
+        every event, and its thread contends with the engine's for the GIL."""
+        return self._loop
+
     async def serve(self, call: EngineCall) -> EngineReply:
         if self.dead:
             raise EngineDead()
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
+        exchange: _Exchange
+        running: asyncio.Future[None]
+        if asyncio.get_running_loop() is self._loop:
+            exchange = _Exchange(self._app, call, queue.put_nowait)
+            running = asyncio.ensure_future(exchange.run())
+        else:
+            loop = asyncio.get_running_loop()
 
-        def deliver(item: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+            def deliver(item: object) -> None:
+                with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        exchange = _Exchange(self._app, call, deliver)
-        running = asyncio.run_coroutine_threadsafe(exchange.run(), self._loop)
+            exchange = _Exchange(self._app, call, deliver)
+            running = asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(exchange.run(), self._loop)
+            )
         ended = False
         try:
             start = await _next(queue)
@@ -393,7 +409,7 @@ class VllmEngine:
         return _answer(start, body if isinstance(body, bytes) else b"", call.route)
 
     async def _events(
-        self, queue: asyncio.Queue[object], exchange: _Exchange, running: Future[None]
+        self, queue: asyncio.Queue[object], exchange: _Exchange, running: asyncio.Future[None]
     ) -> AsyncIterator[str]:
         """The SSE events of a streamed answer; leaving early disconnects the request, which
         makes vLLM abort it."""
@@ -406,14 +422,14 @@ class VllmEngine:
             if not ended:
                 await self._leave(exchange, running)
 
-    async def _leave(self, exchange: _Exchange, running: Future[None]) -> None:
+    async def _leave(self, exchange: _Exchange, running: asyncio.Future[None]) -> None:
         """The caller has gone: tell vLLM's app the client disconnected (it aborts the engine
         request), and cancel the call if it has not ended soon after."""
         if running.done():  # it ended on its own (a failure the caller is raising)
             return
         self._loop.call_soon_threadsafe(exchange.disconnect)
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), _LEAVE_S)
+            await asyncio.wait_for(asyncio.shield(running), _LEAVE_S)
         except TimeoutError:
             running.cancel()
         except Exception:  # the call's own failure: nobody is waiting for it any more

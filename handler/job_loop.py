@@ -21,6 +21,12 @@ per-job stop, concurrency, its SIGTERM handler). :class:`PromptJobScaler` change
   still running are cancelled (which aborts their engine requests) and reported as failed with a
   503 error, so their callers learn at once instead of waiting on a job nobody runs.
 
+* **Loop**: runpod ran the job loop on a loop of its own (``asyncio.run`` in the main thread).
+  Given the engine's loop, the scaler runs there instead, and the main thread only waits for it
+  (runpod's signal handlers still run there and hand the stop to the loop): a job then calls
+  vLLM's app on the loop vLLM's output handler runs on, as uvicorn does under ``vllm serve``,
+  instead of crossing threads (and waiting for the GIL) for every event.
+
 And one thing around it: runpod's ``JobsProgress`` pickles every in-flight job, input included,
 to ``./.runpod_jobs.pkl`` on each job's start and finish (its heartbeat process reads the job ids
 from there). :class:`JobIds` hands it the job id only, so no prompt reaches the disk and the
@@ -32,8 +38,11 @@ file stays a few bytes per job however long the prompts.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import signal
+import sys
 from typing import Any
 
 import runpod
@@ -50,6 +59,7 @@ log = logging.getLogger("handler.job_loop")
 # the queue object when the concurrency changes).
 _RECHECK_S = 1.0
 GRACE_KEY = "shutdown_grace_s"
+LOOP_KEY = "event_loop"
 
 
 class JobIds:
@@ -87,7 +97,31 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         super().__init__(config)
         self.job_progress = JobIds(JobsProgress())  # runpod's singleton
         self.shutdown_grace_s = float(config.get(GRACE_KEY, 30.0))
+        self._loop: asyncio.AbstractEventLoop | None = config.get(LOOP_KEY)
         self._jobs: dict[str, dict[str, Any]] = {}
+
+    def start(self) -> None:
+        """runpod's start, on the given loop (running in another thread) if there is one."""
+        if self._loop is None:
+            super().start()
+            return
+        sys.excepthook = rp_scale._handle_uncaught_exception
+        signal.signal(signal.SIGTERM, self.handle_shutdown)
+        signal.signal(signal.SIGINT, self.handle_shutdown)
+        running = asyncio.run_coroutine_threadsafe(self.run(), self._loop)
+        while True:  # a wait with a timeout, so the signal handlers run promptly
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                running.result(timeout=_RECHECK_S)
+                return
+
+    def handle_shutdown(self, signum: int, frame: Any) -> None:
+        """runpod's: stop taking jobs, drain the rest. Signal handlers run in the main thread;
+        the shutdown event belongs to the loop the scaler runs on."""
+        if self._loop is None:
+            super().handle_shutdown(signum, frame)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has stopped: nothing left to stop
+            self._loop.call_soon_threadsafe(self.kill_worker)
 
     async def run(self) -> None:
         async with AsyncClientSession() as session:
@@ -196,7 +230,12 @@ async def _settle(getter: asyncio.Future[Any]) -> Any:
     return None
 
 
-def start(config: dict[str, Any], shutdown_grace_s: float) -> None:
-    """``runpod.serverless.start`` with :class:`PromptJobScaler` as its job loop."""
+def start(
+    config: dict[str, Any],
+    shutdown_grace_s: float,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> None:
+    """``runpod.serverless.start`` with :class:`PromptJobScaler` as its job loop, run on
+    ``loop`` (the engine's) if given, else on a loop of its own."""
     rp_scale.JobScaler = PromptJobScaler
-    runpod.serverless.start({**config, GRACE_KEY: shutdown_grace_s})
+    runpod.serverless.start({**config, GRACE_KEY: shutdown_grace_s, LOOP_KEY: loop})

@@ -24,6 +24,7 @@ development routes of vLLM's server are never reachable from a job).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 import uuid
@@ -202,6 +203,11 @@ class Engine(Protocol):
     @property
     def model_info(self) -> ModelInfo:
         """Facts about the served model."""
+        ...
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the engine runs on, where the job loop should run too; None: any."""
         ...
 
     def running_requests(self) -> int:

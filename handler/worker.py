@@ -312,7 +312,7 @@ def main() -> None:
                 log.info("cold start: first job-take %.2f s after launch", cold.since_start())
 
             config = runpod_config(settings, handler, first_take)
-            job_loop.start(config, settings.shutdown_grace_s)
+            job_loop.start(config, settings.shutdown_grace_s, engine.loop)
         else:  # runpod's local mode would only print the generator object: run the job here
             from handler.run_local import read_job, run_and_report
 

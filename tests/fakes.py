@@ -115,6 +115,7 @@ class FakeEngine:
     """Answers like vLLM for the model 'fake-model'; records calls and early-closed streams."""
 
     model_info = INFO
+    loop = None  # served from any loop
 
     def __init__(
         self,

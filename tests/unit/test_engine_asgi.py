@@ -1,6 +1,7 @@
 """How the engine calls vLLM's app over ASGI, on a small Starlette app in its place (no vllm):
 the request it makes, whole JSON answers, SSE events cut whole from any body chunking, error
-answers of both shapes, and a caller that leaves (the app sees a disconnect)."""
+answers of both shapes, and a caller that leaves (the app sees a disconnect); each called from
+the engine's own loop and from another."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -113,13 +114,18 @@ def seen() -> Seen:
     return Seen()
 
 
-@pytest.fixture
-def engine(seen: Seen) -> Iterator[VllmEngine]:
-    """The engine's own loop thread, with the app in vLLM's place."""
+@pytest.fixture(params=["from the engine's loop", "from another loop"])
+async def engine(request: pytest.FixtureRequest, seen: Seen) -> AsyncIterator[VllmEngine]:
+    """The app in vLLM's place, called from the loop the engine runs on (as the worker's job
+    loop does) or from another (``make run``): an engine loop thread of its own."""
+    opened = _Opened(FakeClient(), make_app(seen), contextlib.AsyncExitStack(), INFO)
+    if request.param == "from the engine's loop":
+        loop = asyncio.get_running_loop()
+        yield VllmEngine(loop, threading.current_thread(), opened, on_dead=lambda: None)
+        return  # its shutdown would stop this loop, which is the test session's
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    opened = _Opened(FakeClient(), make_app(seen), contextlib.AsyncExitStack(), INFO)
     engine = VllmEngine(loop, thread, opened, on_dead=lambda: None)
     yield engine
     engine.shutdown()
