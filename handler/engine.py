@@ -666,11 +666,57 @@ async def _open(args: argparse.Namespace) -> _Opened:
         app.add_exception_handler(RequestValidationError, _validation_answer)
         app.middleware_stack = app.build_middleware_stack()  # built once already: take it in
         await init_app_state(client, app.state, args, tasks)
+        lifespan = _Lifespan(app)
+        await lifespan.start()
+        stack.push_async_callback(lifespan.stop)  # before the engine client closes
     except BaseException:
         await stack.aclose()
         raise
     phases = {"engine build": built - started, "app build": time.perf_counter() - built}
     return _Opened(client, app, stack, _model_info(client.model_config, args, tasks), phases)
+
+
+class _Lifespan:
+    """The app's ASGI lifespan, run as uvicorn runs it for ``vllm serve``. vLLM's starts the
+    periodic engine stats log and freezes the garbage collector's view of the startup heap
+    (``gc.freeze``): without that, each full collection walks every object of the loaded engine,
+    and the loop that serves every job stalls for it."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+        self._to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._from_app: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
+        self._task = asyncio.ensure_future(self._app(scope, self._to_app.get, self._from_app.put))
+        await self._to_app.put({"type": "lifespan.startup"})
+        answer = await self._answer()
+        if answer.get("type") == "lifespan.startup.complete":
+            return
+        try:  # Starlette re-raises what failed after its failure message
+            await self._task
+        except Exception as exc:
+            raise RuntimeError(f"vLLM's app did not start: {exc!r}") from exc
+        raise RuntimeError(f"vLLM's app did not start: {answer.get('type')}")
+
+    async def stop(self) -> None:
+        if self._task is None or self._task.done():
+            return
+        await self._to_app.put({"type": "lifespan.shutdown"})
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._answer(), _LEAVE_S)
+
+    async def _answer(self) -> Mapping[str, Any]:
+        assert self._task is not None
+        reading = asyncio.ensure_future(self._from_app.get())
+        await asyncio.wait({reading, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if reading.done():
+            return reading.result()
+        reading.cancel()
+        self._task.result()  # raises what ended the lifespan
+        return {"type": "lifespan ended"}
 
 
 async def _validation_answer(_request: Request, exc: Exception) -> Response:

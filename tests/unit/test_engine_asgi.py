@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from handler.engine import VllmEngine, _Opened, _validation_answer
+from handler.engine import VllmEngine, _Lifespan, _Opened, _validation_answer
 from handler.errors import EngineError, InvalidRequest, NotFound, error_body
 from handler.protocol import EngineCall
 from tests.fakes import INFO
@@ -256,3 +256,29 @@ async def test_a_body_that_does_not_validate_is_one_readable_400() -> None:
             "code": 400,
         }
     }
+
+
+async def test_the_apps_lifespan_runs_as_a_server_runs_it() -> None:
+    seen: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        seen.append("startup")
+        yield
+        seen.append("shutdown")
+
+    lifespan_of = _Lifespan(Starlette(lifespan=lifespan))
+    await lifespan_of.start()
+    assert seen == ["startup"]
+    await lifespan_of.stop()
+    assert seen == ["startup", "shutdown"]
+
+
+async def test_a_lifespan_that_fails_to_start_stops_the_engine_start() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        raise ValueError("no stats logger")
+        yield
+
+    with pytest.raises(RuntimeError, match=r"did not start: ValueError\('no stats logger'\)"):
+        await _Lifespan(Starlette(lifespan=lifespan)).start()
