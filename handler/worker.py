@@ -4,7 +4,8 @@ Order: environment switches, settings, logging, where the model comes from
 (:mod:`handler.model_source`), where vLLM's compile cache goes (:mod:`handler.compile_cache`:
 ``VLLM_CACHE_ROOT`` on the network volume, set before vllm is imported), the LMCache server, the
 vLLM engine (once), then
-``runpod.serverless.start`` (its job loop made prompt by :mod:`handler.job_loop`) with the
+``runpod.serverless.start`` (its job loop made prompt by :mod:`handler.job_loop`, and run on the
+engine's event loop) with the
 async-generator handler, ``return_aggregate_stream`` and a
 ``concurrency_modifier`` from settings. runpod's own flags (``--rp_serve_api``,
 ``--rp_log_level``, ...) keep working.
@@ -279,7 +280,8 @@ def settings_timed() -> tuple[Settings, ColdStart]:
 
 def main() -> None:
     settings, cold = settings_timed()
-    # uvloop (as `vllm serve`) for every event loop of the worker: the engine's, and runpod's
+    # uvloop (as `vllm serve`) for every event loop of the worker: the engine's, which runpod's
+    # job loop shares, and uvicorn's under --rp_serve_api
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # Until runpod installs its own handlers, SIGTERM unwinds through the engine shutdown below.
     signal.signal(signal.SIGTERM, _exit_on_signal)

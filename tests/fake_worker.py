@@ -1,5 +1,6 @@
 """A worker process like ``python -m handler``, but with the fake engine: runpod's real production
-loop (webhooks, JobScaler, per-job stop) around the real handler, with no vLLM. The local
+loop (webhooks, JobScaler, per-job stop; on an engine loop thread, as in the real worker) around
+the real handler, with no vLLM. The local
 endpoint runs it with ``--worker-module tests.fake_worker``.
 
 ``FAKE_ENGINE_PAUSE`` (seconds before each streamed event, and a one-shot answer's time in the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import threading
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -64,10 +66,19 @@ def main() -> None:
     engine = MortalEngine(pause=float(os.environ.get("FAKE_ENGINE_PAUSE", "0")))
     watch = EngineWatch(settings.engine_dead_grace_s, sigterm_self)
     serve_metrics(settings, engine)
-    job_loop.start(
-        runpod_config(settings, make_handler(engine, settings, watch.trigger)),
-        settings.shutdown_grace_s,
-    )
+    # as in the real worker: runpod's job loop runs on the engine's loop, in a thread of its own
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fake-engine-loop", daemon=True)
+    thread.start()
+    try:
+        job_loop.start(
+            runpod_config(settings, make_handler(engine, settings, watch.trigger)),
+            settings.shutdown_grace_s,
+            loop,
+        )
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
     del held
     if watch.triggered:
         raise SystemExit(1)
