@@ -379,15 +379,15 @@ class VllmEngine:
         queue: asyncio.Queue[object] = asyncio.Queue()
         exchange: _Exchange
         running: asyncio.Future[None]
-        if asyncio.get_running_loop() is self._loop:
+        caller = asyncio.get_running_loop()
+        if caller is self._loop:
             exchange = _Exchange(self._app, call, queue.put_nowait)
             running = asyncio.ensure_future(exchange.run())
         else:
-            loop = asyncio.get_running_loop()
 
             def deliver(item: object) -> None:
                 with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    caller.call_soon_threadsafe(queue.put_nowait, item)
 
             exchange = _Exchange(self._app, call, deliver)
             running = asyncio.wrap_future(
