@@ -27,6 +27,17 @@ per-job stop, concurrency, its SIGTERM handler). :class:`PromptJobScaler` change
   vLLM's app on the loop vLLM's output handler runs on, as uvicorn does under ``vllm serve``,
   instead of crossing threads (and waiting for the GIL) for every event.
 
+* **Results**: runpod's ``handle_job`` POSTs each value the handler yields through
+  ``rp_http.stream_result``, which builds an aiohttp_retry ``RetryClient`` per POST, formats the
+  whole value into two debug messages that are never shown, and sets the job's ``X-Request-ID``
+  on the session every job shares. Stream POSTs are most of what the worker's loop does besides
+  vLLM (``py-spy`` at 16 streams), and that loop is vLLM's. :func:`handle_job` posts the same
+  bodies to the same URLs with the same headers, from one aiohttp request each, the request id
+  in that request's own headers; a 5xx answer (or a connection that could not be made) is tried
+  again, as runpod's retry did for 5xx, and a result that cannot be encoded fails the job
+  instead of leaving it unreported. The handler's generator is closed when the job is stopped,
+  so its engine request is aborted then, not when the generator is collected.
+
 And one thing around it: runpod's ``JobsProgress`` pickles every in-flight job, input included,
 to ``./.runpod_jobs.pkl`` on each job's start and finish (its heartbeat process reads the job ids
 from there). :class:`JobIds` hands it the job id only, so no prompt reaches the disk and the
@@ -40,15 +51,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
+import json
 import logging
 import signal
 import sys
 from typing import Any
 
+import aiohttp
 import runpod
 from runpod.http_client import AsyncClientSession, ClientSession, TooManyRequests
-from runpod.serverless.modules import rp_scale
-from runpod.serverless.modules.rp_http import send_result
+from runpod.serverless.modules import rp_http, rp_job, rp_scale
 from runpod.serverless.modules.worker_state import JobsProgress
 
 from handler.errors import ShuttingDown, job_error
@@ -99,6 +112,7 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         self.shutdown_grace_s = float(config.get(GRACE_KEY, 30.0))
         self._loop: asyncio.AbstractEventLoop | None = config.get(LOOP_KEY)
         self._jobs: dict[str, dict[str, Any]] = {}
+        self.jobs_handler = handle_job
 
     def start(self) -> None:
         """runpod's start, on the given loop (running in another thread) if there is one."""
@@ -217,7 +231,82 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
             task.cancel()
         await asyncio.gather(*(task for _, task in left), return_exceptions=True)
         error = job_error(ShuttingDown(self.shutdown_grace_s))
-        await asyncio.gather(*(send_result(session, error, job) for job, _ in left))
+        await asyncio.gather(*(post_result(session, job, error, DONE) for job, _ in left))
+
+
+# Where a result goes: runpod's webhook URLs (from RUNPOD_WEBHOOK_POST_STREAM and
+# RUNPOD_WEBHOOK_POST_OUTPUT, read by runpod at import) and the isStream flag runpod appends.
+STREAM, DONE = "stream", "done"
+_POST_ATTEMPTS = 3
+_RETRY_WAIT_S = (1.0, 2.0)  # before the second and third attempts, as runpod's Fibonacci waits
+# runpod's headers for results, kept as they are for RunPod's servers
+_RESULT_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
+
+
+def result_url(job: dict[str, Any], kind: str, *, streamed: bool = False) -> str:
+    """The webhook a job's stream chunk (``STREAM``) or final result (``DONE``) goes to."""
+    template = rp_http.JOB_STREAM_URL if kind == STREAM else rp_http.JOB_DONE_URL
+    flag = "true" if streamed and kind == DONE else "false"
+    return f"{template.replace('$ID', str(job['id']))}&isStream={flag}"
+
+
+async def post_result(
+    session: ClientSession, job: dict[str, Any], data: dict[str, Any], kind: str, **flags: bool
+) -> bool:
+    """POST one result; False (logged) when it could not be delivered. Raises ValueError or
+    TypeError for data that JSON cannot carry."""
+    body = json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
+    url, headers = result_url(job, kind, **flags), {**_RESULT_HEADERS, "X-Request-ID": job["id"]}
+    for attempt in range(_POST_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(_RETRY_WAIT_S[attempt - 1])
+        try:
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                if response.status < 500:
+                    if response.status >= 400:
+                        log.error("job %s: its %s POST got %d", job["id"], kind, response.status)
+                    return bool(response.status < 400)
+                problem = f"status {response.status}"
+        except aiohttp.ClientConnectorError as exc:  # nothing was sent: safe to try again
+            problem = type(exc).__name__
+        except aiohttp.ClientError as exc:  # it may have arrived: not sent twice
+            log.error("job %s: its %s POST failed: %s", job["id"], kind, type(exc).__name__)
+            return False
+    log.error("job %s: its %s POST failed %d times (%s)", job["id"], kind, _POST_ATTEMPTS, problem)
+    return False
+
+
+async def handle_job(session: ClientSession, config: dict[str, Any], job: dict[str, Any]) -> None:
+    """runpod's ``rp_job.handle_job`` for an async-generator handler: each value it yields goes
+    out as one stream POST (and, with ``return_aggregate_stream``, into the final output); a
+    value with an ``error`` ends the job as failed; then the final result. Anything else
+    (a plain handler, runpod's ``--rp_debugger``) is runpod's own."""
+    handler = config["handler"]
+    if not inspect.isasyncgenfunction(handler) or config.get("rp_args", {}).get("rp_debugger"):
+        await rp_job.handle_job(session, config, job)
+        return
+    outputs: list[Any] = []
+    result: dict[str, Any] = {"output": outputs}
+    try:
+        async with contextlib.aclosing(handler(job)) as values:
+            async for value in values:
+                if isinstance(value, dict) and value.get("error"):
+                    result = {"error": str(value["error"])}
+                    break
+                if config.get("return_aggregate_stream", False):
+                    outputs.append(value)
+                await post_result(session, job, {"output": value}, STREAM)
+    except Exception as exc:  # a value JSON cannot carry, or a handler that raised: never lost
+        log.error("job %s: failed while streaming: %s", job["id"], type(exc).__name__)
+        result = job_error(exc)
+    if config.get("refresh_worker", False):
+        result["stopPod"] = True
+    try:
+        await post_result(session, job, result, DONE, streamed=True)
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.error("job %s: its result could not be encoded: %s", job["id"], type(exc).__name__)
+        await post_result(session, job, job_error(exc), DONE, streamed=True)
 
 
 async def _settle(getter: asyncio.Future[Any]) -> Any:

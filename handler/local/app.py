@@ -218,11 +218,13 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
             WorkerError(str(exc.detail), status=exc.status_code, type="InvalidRequestError")
         )
 
-    def authorize(request: Request) -> None:
+    # async: FastAPI runs a plain ``def`` dependency in a thread pool, a thread hand-off for
+    # every request (each stream POST from a worker among them)
+    async def authorize(request: Request) -> None:
         if options.api_key and not key_matches(request, options.api_key):
             raise Unauthorized("Missing or wrong API key.")
 
-    def authorize_worker(request: Request) -> None:
+    async def authorize_worker(request: Request) -> None:
         if not key_matches(request, pool.worker_key):
             raise Unauthorized("Worker webhooks need the worker key (RUNPOD_AI_API_KEY).")
 

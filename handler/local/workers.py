@@ -47,6 +47,9 @@ PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 RESTART_DELAY_S = 1.0
 GROUP_SETTLE_S = 3.0  # after a worker exits, how long what it started gets to exit too
 SHM_SCAN_S = 2.0  # how often the /dev/shm entries each worker's group holds are noted
+# ... once every worker is ready (each scan reads every group member's /proc maps, a few ms of
+# the endpoint's loop; what a worker makes while starting is noted at its first webhook call)
+SHM_SCAN_READY_S = 20.0
 
 
 def webhook_env(base_url: str, endpoint_id: str, worker_id: str, key: str) -> dict[str, str]:
@@ -270,9 +273,13 @@ class WorkerPool:
                 await self._spawn(worker)
 
     async def _scan_shm(self) -> None:
-        """Note, every :data:`SHM_SCAN_S`, what each running worker's group holds in /dev/shm."""
+        """Note, every :data:`SHM_SCAN_S` (:data:`SHM_SCAN_READY_S` while every worker is
+        ready), what each running worker's group holds in /dev/shm."""
+        last = -SHM_SCAN_READY_S
         while not self._stopping:
-            self.note_shm()
+            if not self.all_ready or self._clock() - last >= SHM_SCAN_READY_S:
+                self.note_shm()
+                last = self._clock()
             await asyncio.sleep(SHM_SCAN_S)
 
     def note_shm(self) -> None:
