@@ -4,7 +4,9 @@ In production every value a handler yields is one HTTP POST to RunPod, and runpo
 each POST before it pulls the next value. :func:`coalesce` therefore reads the engine's events in a
 task of its own and hands out batches: every event at once until one with generated output has
 gone out (vLLM's chat stream opens with a role-only chunk, and a first token can decode to ""),
-later ones merged for up to the flush interval, and whatever piled up while a POST was in flight.
+later ones merged until the next flush tick, and whatever piled up while a POST was in flight.
+Ticks are multiples of the flush interval on one clock, so all of the worker's streams flush
+together, once an interval (:func:`next_tick`).
 A batch never splits an event, so no SSE event and no UTF-8 character is ever cut.
 
 Framing: :func:`sse_text` joins a batch for the OpenAI route (what an OpenAI client reads);
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
@@ -117,7 +120,7 @@ async def coalesce(
             batch: list[object] = [await queue.get()]
             wait = current()
             if wait > 0 and output_sent:
-                await _fill_until(queue, batch, last_flush + wait, clock)
+                await _fill_until(queue, batch, next_tick(last_flush, wait), clock)
             elif wait > 0:
                 _take_ready(queue, batch)
             events_out = [item for item in batch if isinstance(item, str)]
@@ -134,6 +137,14 @@ async def coalesce(
             reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
+
+
+def next_tick(last_flush: float, interval: float) -> float:
+    """When a stream that flushed at ``last_flush`` flushes next: the first multiple of
+    ``interval`` on the clock at least half an interval later. Every stream of the worker flushes
+    on the same ticks, so its POSTs go out together, once an interval, instead of one at a time
+    all through it: the worker, and whatever receives them, wake once for all of them."""
+    return math.ceil((last_flush + interval / 2) / interval - 1e-9) * interval  # (float error)
 
 
 _OUTPUT_KEYS = ("content", "reasoning_content", "reasoning", "tool_calls", "text")

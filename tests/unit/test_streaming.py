@@ -13,6 +13,7 @@ from handler.streaming import (
     carries_output,
     chunk_dicts,
     coalesce,
+    next_tick,
     parse_events,
     sse_text,
 )
@@ -281,3 +282,17 @@ async def test_coalesce_reads_a_callable_interval_before_each_batch() -> None:
     await gate.put(None)  # ...until the stream ends
     await task
     assert batches == [[tok("The")], [tok(" capital"), tok(" is")]]
+
+
+@pytest.mark.parametrize("interval", [0.05, 0.16, 0.3])
+def test_streams_flush_on_shared_ticks_an_interval_apart(interval: float) -> None:
+    # sixteen streams whose last flushes fell anywhere within one interval
+    lasts = [100.0 + interval * (0.5 + i / 16) for i in range(16)]
+    ticks = {round(next_tick(last, interval), 9) for last in lasts}
+    assert len(ticks) <= 2  # at most two shared ticks, not sixteen separate moments
+    for last in lasts:
+        deadline = next_tick(last, interval)
+        assert last + interval / 2 <= deadline < last + 1.5 * interval
+        assert abs(deadline / interval - round(deadline / interval)) < 1e-6  # on the grid
+        # and from then on every interval, on the grid
+        assert next_tick(deadline, interval) == pytest.approx(deadline + interval)
