@@ -746,4 +746,11 @@ def _model_info(config: Any, args: argparse.Namespace, tasks: Any) -> ModelInfo:
         reasoning=bool(args.structured_outputs_config.reasoning_parser),
         generates="generate" in tasks,
         embeds="embed" in tasks,
+        on_cpu=_on_cpu(),
     )
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())

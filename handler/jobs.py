@@ -68,7 +68,7 @@ def make_handler(
 ) -> Handler:
     """The async-generator function runpod calls once per job."""
 
-    pacer = Pacer(settings.flush_interval_s, settings.stream_posts_per_s)
+    pacer = Pacer(settings.flush_interval_s, settings.posts_per_s(engine.model_info.on_cpu))
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         async for output in run_job(job, engine, settings, on_engine_dead, pacer):

@@ -181,6 +181,7 @@ class ModelInfo:
     reasoning: bool = False  # a reasoning parser is set
     generates: bool = True  # chat and completions work
     embeds: bool = False  # /v1/embeddings works
+    on_cpu: bool = False  # the model runs on CPU (vLLM's CPU build), not an accelerator
 
 
 # An engine answers with a JSON-safe response dict, or with SSE events ('data: {...}\n\n', ending

@@ -46,6 +46,10 @@ LOCAL_ONLY: dict[str, str] = {
     "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
     "RUNPOD_SKIP_GPU_CHECK": "true",
 }
+# Stream POSTs a second, over all streams, when STREAM_POSTS_PER_S is unset. On a GPU a POST
+# costs CPU nothing the model needs; on CPU it stalls the model's step (make bench, README).
+GPU_STREAM_POSTS_PER_S = 100.0
+CPU_STREAM_POSTS_PER_S = 40.0
 
 # Environment variables that look like vLLM flags but belong to the shell, the container or
 # RunPod; they are never passed to the engine.
@@ -119,13 +123,14 @@ class Settings(BaseModel):
         description="Streamed chunks are merged into one yield (one POST to RunPod) for at most "
         "this long; the first token is never held. 0 sends every chunk alone.",
     )
-    stream_posts_per_s: float = Field(
-        100.0,
+    stream_posts_per_s: float | None = Field(
+        None,
         alias="STREAM_POSTS_PER_S",
         ge=0,
         description="Most stream POSTs per second the worker makes over all its streams: with "
         "many streams at once each one's chunks are merged for longer (streams / this, when "
-        "longer than STREAM_FLUSH_INTERVAL_MS). 0: no limit.",
+        "longer than STREAM_FLUSH_INTERVAL_MS). Unset: 100 when the model runs on a GPU, 40 on "
+        "CPU, where every POST takes CPU time from the model. 0: no limit.",
     )
     shutdown_grace_s: float = Field(
         30.0,
@@ -456,6 +461,12 @@ class Settings(BaseModel):
     @property
     def flush_interval_s(self) -> float:
         return self.stream_flush_interval_ms / 1000.0
+
+    def posts_per_s(self, on_cpu: bool) -> float:
+        """The stream POST budget: ``STREAM_POSTS_PER_S``, else the default for the device."""
+        if self.stream_posts_per_s is not None:
+            return self.stream_posts_per_s
+        return CPU_STREAM_POSTS_PER_S if on_cpu else GPU_STREAM_POSTS_PER_S
 
 
 def lora_specs(value: str) -> list[str]:

@@ -137,6 +137,10 @@ async def test_models(engine: VllmEngine, settings: Settings) -> None:
     assert [Model.model_validate(m).id for m in out["data"]] == [MODEL_ID, LORA]
     # the in-process engine runs in float32
     assert {m["quantization"] for m in out["data"]} == {"fp32"}
+    import torch
+
+    # where the model runs sets the stream POST budget when STREAM_POSTS_PER_S is unset
+    assert engine.model_info.on_cpu is (not torch.cuda.is_available())
 
 
 LONG = "hello " * 3000

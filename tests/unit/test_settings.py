@@ -17,6 +17,19 @@ def test_defaults() -> None:
     assert s.engine_passthrough == {}
 
 
+def test_the_stream_post_budget_follows_the_device_unless_set() -> None:
+    unset = load_settings({})
+    assert (unset.posts_per_s(on_cpu=False), unset.posts_per_s(on_cpu=True)) == (100.0, 40.0)
+    for value, budget in [("250", 250.0), ("0", 0.0)]:
+        chosen = load_settings({"STREAM_POSTS_PER_S": value})
+        assert (chosen.posts_per_s(on_cpu=False), chosen.posts_per_s(on_cpu=True)) == (
+            budget,
+            budget,
+        )
+    with pytest.raises(SettingsError, match="STREAM_POSTS_PER_S"):
+        load_settings({"STREAM_POSTS_PER_S": "-1"})
+
+
 def test_official_worker_names_keep_their_meaning() -> None:
     s = load_settings(
         {
