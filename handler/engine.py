@@ -622,13 +622,20 @@ def _is_resource_tracker(proc: psutil.Process) -> bool:
         return False
 
 
+_EXIT_WAIT_S = 2.0  # how long the engine's processes get to exit by themselves after shutdown
+
+
 def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
     """Stop whatever vLLM's own shutdown left behind (e.g. the workers of a killed EngineCore).
 
     Python's resource tracker is left alone: it ignores SIGTERM, and exits by itself when this
     process does, after removing the shared memory the engine's processes left in /dev/shm
     (killing it leaks those segments)."""
-    left = [p for p in processes if _alive(p) and not _is_resource_tracker(p)]
+    exiting = [p for p in processes if _alive(p) and not _is_resource_tracker(p)]
+    # vLLM's shutdown asks its processes to exit; one may still be on its way out
+    _gone, left = psutil.wait_procs(exiting, timeout=_EXIT_WAIT_S)
+    left = [p for p in left if _alive(p)]
+    names = sorted(_name(p) for p in left)
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
@@ -637,7 +644,16 @@ def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     if left:
-        log.warning("stopped %d engine process(es) left after shutdown", len(left))
+        log.warning(
+            "stopped %d engine process(es) left after shutdown: %s", len(left), ", ".join(names)
+        )
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return str(proc.name())
+    except psutil.Error:
+        return "?"
 
 
 @dataclass(frozen=True)
