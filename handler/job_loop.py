@@ -253,8 +253,8 @@ def result_url(job: dict[str, Any], kind: str, *, streamed: bool = False) -> str
 async def post_result(
     session: ClientSession, job: dict[str, Any], data: dict[str, Any], kind: str, **flags: bool
 ) -> bool:
-    """POST one result; False (logged) when it could not be delivered. Raises ValueError or
-    TypeError for data that JSON cannot carry."""
+    """POST one result; False (logged) when it could not be delivered. Raises only for data
+    that JSON cannot carry (ValueError, TypeError, RecursionError)."""
     body = json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
     url, headers = result_url(job, kind, **flags), {**_RESULT_HEADERS, "X-Request-ID": job["id"]}
     for attempt in range(_POST_ATTEMPTS):
@@ -270,7 +270,7 @@ async def post_result(
                 problem = f"status {response.status}"
         except aiohttp.ClientConnectorError as exc:  # nothing was sent: safe to try again
             problem = type(exc).__name__
-        except aiohttp.ClientError as exc:  # it may have arrived: not sent twice
+        except (aiohttp.ClientError, TimeoutError) as exc:  # it may have arrived: not sent twice
             log.error("job %s: its %s POST failed: %s", job["id"], kind, type(exc).__name__)
             return False
     log.error("job %s: its %s POST failed %d times (%s)", job["id"], kind, _POST_ATTEMPTS, problem)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -182,4 +183,19 @@ async def test_a_job_stopped_while_a_post_is_in_flight_closes_its_handler_at_onc
     # stopped by RunPod: no final result is sent, as with runpod's own handle_job
     assert [(path, body) for path, _, _, body in hooks.calls] == [
         ("/stream/job-6", {"output": "first"})
+    ]
+
+
+async def test_a_webhook_that_never_answers_is_reported_not_raised(hooks: Hooks) -> None:
+    async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
+        yield "a"
+
+    hooks.hold = True
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
+        await job_loop.handle_job(session, config(handler), {"id": "job-7", "input": {}})
+
+    # each POST timed out once (not sent again: it may have arrived), and the job still ended
+    assert [(path, body) for path, _, _, body in hooks.calls] == [
+        ("/stream/job-7", {"output": "a"}),
+        ("/done/job-7", {"output": ["a"]}),
     ]
