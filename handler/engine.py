@@ -211,11 +211,10 @@ def build_args(
 ) -> argparse.Namespace:
     """Parse the settings with vLLM's own ``vllm serve`` parser; errors name the variable."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    base = owned_args(settings, connector, spare_lora_slot=current_platform.is_cpu())
+    base = owned_args(settings, connector, spare_lora_slot=_on_cpu())
     _parse(parser, base, "the model settings (" + ", ".join(sorted(env_names())) + ")")
     extra: list[str] = []
     for name in sorted(settings.engine_passthrough):
@@ -767,6 +766,7 @@ def _model_info(config: Any, args: argparse.Namespace, tasks: Any) -> ModelInfo:
 
 
 def _on_cpu() -> bool:
+    """Whether vLLM runs the model on CPU (its CPU build), not an accelerator."""
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())

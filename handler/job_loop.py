@@ -251,12 +251,18 @@ def result_url(job: dict[str, Any], kind: str, *, streamed: bool = False) -> str
 
 
 async def post_result(
-    session: ClientSession, job: dict[str, Any], data: dict[str, Any], kind: str, **flags: bool
+    session: ClientSession,
+    job: dict[str, Any],
+    data: dict[str, Any],
+    kind: str,
+    *,
+    streamed: bool = False,
 ) -> bool:
     """POST one result; False (logged) when it could not be delivered. Raises only for data
     that JSON cannot carry (ValueError, TypeError, RecursionError)."""
     body = json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
-    url, headers = result_url(job, kind, **flags), {**_RESULT_HEADERS, "X-Request-ID": job["id"]}
+    url = result_url(job, kind, streamed=streamed)
+    headers = {**_RESULT_HEADERS, "X-Request-ID": job["id"]}
     for attempt in range(_POST_ATTEMPTS):
         if attempt:
             await asyncio.sleep(_RETRY_WAIT_S[attempt - 1])
