@@ -85,8 +85,24 @@ def read_marks(folder: Path) -> list[dict[str, Any]]:
     for path in folder.glob("*.jsonl"):
         for line in path.read_text().splitlines():
             with contextlib.suppress(ValueError):
-                marks.append(json.loads(line))
+                marks.append({**json.loads(line), "process": path.stem})
     return marks
+
+
+def burst_steps(marks: list[dict[str, Any]], requests: dict[str, dict[str, float]]) -> list[str]:
+    """The engine steps that scheduled a burst's first requests, in order: how many of the
+    burst's requests each took in (``new``), until all were in."""
+    first = "engine core: first step scheduled"
+    bursts: dict[str, list[float]] = defaultdict(list)
+    for tag, times in requests.items():
+        if first in times:
+            bursts[tag.rsplit("-", 1)[0]].append(times[first])
+    steps = sorted(m["t"] for m in marks if m["hop"] == "engine core: step")
+    shapes = []
+    for times in bursts.values():
+        counts = [sum(1 for t in times if t == s) for s in steps if min(times) <= s <= max(times)]
+        shapes.append("+".join(str(c) for c in counts))
+    return shapes
 
 
 def by_request(marks: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -194,6 +210,9 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
         engine_spread = spreads(mine, "vLLM: request to the engine")
         print(f"\n{name}: arrivals at the engine spread over (ms, per burst): {engine_spread}")
         result[name]["engine_arrival_spread_ms"] = engine_spread
+        shapes = burst_steps(marks, mine)
+        print(f"{name}: requests per engine step while a burst was taken in: {shapes}")
+        result[name]["burst_steps"] = shapes
     return result
 
 

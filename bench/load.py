@@ -18,8 +18,9 @@ The same requests (distinct random prompts of ``--prompt-tokens`` token ids, gre
 
 at each concurrency (``--concurrency``), streamed and one-shot (``--modes``). Every engine is up
 for the whole run (an idle vLLM engine takes no CPU), and each cell's requests go in rounds of
-``concurrency`` at once, each round through every path in turn, so the machine's drift in speed
-(large on a shared 2-core host) touches all paths alike. First a TTFT probe (``--probe``): short
+``concurrency`` at once, each round through every path in turn (each round starting one path
+further on), so the machine's drift in speed (large on a shared 2-core host) touches all paths
+alike. First a TTFT probe (``--probe``): short
 streams one at a time through every path in turn. Per cell: time to first token (p50, p99;
 streamed), inter-token latency (a stream's first to last token over its tokens, p50, p99),
 request latency, output tokens/s over the cell, stream POSTs per job (from the endpoint's
@@ -61,6 +62,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from handler.local.__main__ import KEEP_ALIVE_S  # noqa: E402
 from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings  # noqa: E402
 from tests.integration.conftest import MODEL_ID, local_env  # noqa: E402
 from tests.local_endpoint import KEY, LocalEndpoint, stop  # noqa: E402
@@ -110,6 +112,7 @@ class Cell:
     latency_p50_ms: float = 0.0
     posts_per_job: float | None = None
     cpu_s_per_1k_tokens: dict[str, float] = field(default_factory=dict)
+    ttft_p50_by_round_ms: list[float] = field(default_factory=list)  # in the order they ran
     samples: list[Sample] = field(default_factory=list, repr=False)
 
     @property
@@ -234,6 +237,9 @@ async def one_round(path: Way, prompts: list[list[int]], max_tokens: int) -> Non
     samples = await asyncio.gather(*(path.call(p, max_tokens) for p in prompts))
     path.cell.wall_s += time.perf_counter() - started
     path.cell.samples += samples
+    ttfts = [s.ttft for s in samples if s.ttft is not None]
+    if ttfts:
+        path.cell.ttft_p50_by_round_ms.append(round(percentile(ttfts, 50) * 1000, 1))
     for role, seconds in cpu_spent(cpu, path.owns).items():
         path.cpu[role] = path.cpu.get(role, 0.0) + seconds
     now_posts, now_jobs = path.posts()
@@ -255,12 +261,14 @@ async def interleaved(
     ways: list[Way], prompts: list[list[int]], per_round: int, max_tokens: int, progress: Progress
 ) -> list[Cell]:
     """The prompts in rounds of ``per_round`` at once; each round goes through every way in
-    turn, so drift in the machine's speed touches all of them alike."""
+    turn, so drift in the machine's speed touches all of them alike, and each round starts one
+    way further on, so no way always follows the same other one."""
     first = ways[0].cell
     mode = "TTFT probe" if first.probe else ("streamed" if first.streamed else "one-shot")
     what = f"{mode}, concurrency {first.concurrency}, {len(ways)} paths in turn"
-    for start in range(0, len(prompts), per_round):
-        for way in ways:
+    for index, start in enumerate(range(0, len(prompts), per_round)):
+        turn = index % len(ways)
+        for way in ways[turn:] + ways[:turn]:
             await one_round(way, prompts[start : start + per_round], max_tokens)
         progress.update(what, start + per_round, len(prompts), len(ways))
     return [finish(way) for way in ways]
@@ -404,9 +412,17 @@ def start_vllm_serve(tmp: Path, env: dict[str, str], port: int) -> Started:
     """``bench/vllm_serve.py``: `vllm serve` with the worker's engine arguments; does not wait."""
     log = tmp / "vllm-serve.log"
     command = [sys.executable, str(ROOT / "bench" / "vllm_serve.py"), "--port", str(port)]
+    # idle connections kept as long as the local endpoint keeps them: with vLLM's 5 s, the
+    # client's connection (httpx keeps one 5 s) was sometimes closed under a request between
+    # bursts ("Connection error"); no effect on a request's time
+    keep_alive = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(KEEP_ALIVE_S)}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env={**os.environ, **env, **keep_alive},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
     def ready() -> bool:
@@ -717,6 +733,55 @@ def targets(cells: list[Cell], plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+def round_differences(cells: list[Cell], plan: Plan) -> list[dict[str, Any]]:
+    """Streamed, c > 1: the full path's TTFT p50 minus each other path's, round by round (each
+    round's requests, the same prompts, through every path within seconds), with the median of
+    those differences and its 95% bootstrap interval (rounds drawn again with replacement,
+    seeded). At concurrency 16 on this machine, how a burst's arrivals fall on the engine's
+    steps moves a round's TTFT by hundreds of ms; the interval says how far one run can tell
+    two paths apart."""
+    rows = []
+    rng = random.Random(plan.seed)
+    for c in plan.concurrency:
+        full = find(cells, "full", True, c)
+        if c == 1 or full is None or len(full.ttft_p50_by_round_ms) < 2:
+            continue
+        for other in ("bare", "serve", "before"):
+            ref = find(cells, other, True, c)
+            if ref is None or len(ref.ttft_p50_by_round_ms) != len(full.ttft_p50_by_round_ms):
+                continue
+            pairs = zip(full.ttft_p50_by_round_ms, ref.ttft_p50_by_round_ms, strict=True)
+            diffs = [a - b for a, b in pairs]
+            medians = sorted(
+                percentile([rng.choice(diffs) for _ in diffs], 50) for _ in range(2000)
+            )
+            rows.append(
+                {
+                    "concurrency": c,
+                    "other": other,
+                    "full_ms": full.ttft_p50_by_round_ms,
+                    "other_ms": ref.ttft_p50_by_round_ms,
+                    "median_difference_ms": round(percentile(diffs, 50), 1),
+                    "interval_95_ms": [round(medians[50], 1), round(medians[1949], 1)],
+                }
+            )
+    return rows
+
+
+def rounds_text(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        low, high = row["interval_95_ms"]
+        name = PATHS[row["other"]]
+        lines.append(
+            f"c={row['concurrency']}, TTFT p50 by round (ms, in the order run): {name} "
+            f"{row['other_ms']}; full path {row['full_ms']}. Full - {name}, paired by round: "
+            f"median {row['median_difference_ms']:+.0f}, 95% bootstrap interval "
+            f"[{low:+.0f}, {high:+.0f}] over {len(row['full_ms'])} rounds."
+        )
+    return "\n".join(lines)
+
+
 def target(name: str, value: float, bound: float, at_most: bool = False) -> dict[str, Any]:
     met = value <= bound if at_most else value >= bound
     bound_text = f"{'<=' if at_most else '>='} {bound}"
@@ -963,13 +1028,15 @@ def main() -> None:
 
     vocab = AutoConfig.from_pretrained(env["MODEL_NAME"]).vocab_size
     plan = parse_plan(options, vocab)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    for name in ("httpx", "httpx2"):  # a line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     progress = Progress(plan.cells())
     started = time.perf_counter()
     cells = asyncio.run(measure(env, plan, progress))
 
     where = machine()
     rows, ratios = targets(cells, plan), ratio_rows(cells, plan)
+    by_round = round_differences(cells, plan)
     options.out.mkdir(parents=True, exist_ok=True)
     result = {
         "command": "make bench (" + " ".join(["bench/load.py", *sys.argv[1:]]) + ")",
@@ -983,6 +1050,7 @@ def main() -> None:
         ],
         "ratios": ratios,
         "targets": rows,
+        "ttft_by_round": by_round,
     }
     (options.out / "load.json").write_text(json.dumps(result, indent=1) + "\n")
     chart(cells, ratios, plan, where, options.out / "load.png")
@@ -993,6 +1061,8 @@ def main() -> None:
         f"{plan.requests(max(plan.concurrency))} requests per cell\n"
     )
     print(table(cells) + "\n\n" + ratio_table(ratios) + "\n\n" + target_table(rows))
+    if by_round:
+        print("\n" + rounds_text(by_round))
     print("\nCPU seconds per 1,000 output tokens, by process\n\n" + cpu_table(cells))
     if options.baseline:
         print("\nagainst " + str(options.baseline) + "\n")

@@ -24,11 +24,12 @@ _DIR = os.environ.get("BURST_TRACE_DIR")
 _out: Any = None
 
 
-def mark(hop: str, key: Any) -> None:
+def mark(hop: str, key: Any, at: float | None = None) -> None:
     global _out
     if _out is None:
         _out = open(os.path.join(_DIR or ".", f"{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
-    _out.write(json.dumps({"t": time.time(), "hop": hop, "key": str(key)}) + "\n")
+    t = time.time() if at is None else at
+    _out.write(json.dumps({"t": t, "hop": hop, "key": str(key)}) + "\n")
 
 
 def _job_key(job: Any) -> Any:
@@ -92,30 +93,30 @@ def _patch_rp_scale(module: Any) -> None:
         return jobs
 
     module.get_job = traced_get_job
-    handle_job = module.handle_job
+
+
+def _patch_job_loop(module: Any) -> None:
+    handle_job, post_result = module.handle_job, module.post_result
+    posted: set[str] = set()
 
     async def traced_handle_job(session: Any, config: Any, job: Any) -> Any:
         mark("worker: job started", _job_key(job))
         return await handle_job(session, config, job)
 
-    module.handle_job = traced_handle_job
-
-
-def _patch_rp_job(module: Any) -> None:
-    stream_result = module.stream_result
-    posted: set[str] = set()
-
-    async def traced_stream_result(session: Any, data: Any, job: Any) -> None:
+    async def traced_post_result(
+        session: Any, job: Any, data: Any, kind: str, **kwargs: Any
+    ) -> Any:
         key = _job_key(job)
-        first = key not in posted
+        first = kind == module.STREAM and key not in posted
         if first:
             posted.add(key)
             mark("worker: first stream POST sent", key)
-        await stream_result(session, data, job)
+        delivered = await post_result(session, job, data, kind, **kwargs)
         if first:
             mark("worker: first stream POST answered", key)
+        return delivered
 
-    module.stream_result = traced_stream_result
+    module.handle_job, module.post_result = traced_handle_job, traced_post_result
 
 
 def _patch_engine(module: Any) -> None:
@@ -201,15 +202,37 @@ def _patch_async_llm(module: Any) -> None:
     llm.generate = traced_generate
 
 
+# -- vLLM's engine core: which step first scheduled each request -----------------------------------
+
+
+def _patch_scheduler(module: Any) -> None:
+    scheduler = module.Scheduler
+    schedule = scheduler.schedule
+
+    def traced_schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        output = schedule(self, *args, **kwargs)
+        new = [r.req_id for r in output.scheduled_new_reqs]
+        at = time.time()  # one time for the step and the requests it took in
+        if output.total_num_scheduled_tokens:
+            tokens = output.total_num_scheduled_tokens
+            mark("engine core: step", f"{len(new)} new, {tokens} tokens", at)
+        for req_id in new:
+            mark("engine core: first step scheduled", req_id, at)
+        return output
+
+    scheduler.schedule = traced_schedule
+
+
 _PATCHES: dict[str, Callable[[Any], None]] = {
     "handler.local.jobstore": _patch_jobstore,
     "handler.local.app": _patch_app,
     "runpod.serverless.modules.rp_scale": _patch_rp_scale,
-    "runpod.serverless.modules.rp_job": _patch_rp_job,
+    "handler.job_loop": _patch_job_loop,
     "handler.engine": _patch_engine,
     "handler.streaming": _patch_streaming,
     "handler.jobs": _patch_jobs,
     "vllm.v1.engine.async_llm": _patch_async_llm,
+    "vllm.v1.core.sched.scheduler": _patch_scheduler,
 }
 
 

@@ -32,6 +32,12 @@ from handler.settings import LOCAL_ONLY, apply_process_environment, environment
 log = logging.getLogger("handler.local")
 
 
+# How long an idle client connection stays open: longer than clients keep theirs (httpx, so
+# the OpenAI and Anthropic SDKs, 5 s; aiohttp 15 s). With uvicorn's 5 s, a client reusing a
+# connection just as the endpoint closed it got "Connection error" (httpx ReadError).
+KEEP_ALIVE_S = 65
+
+
 class QuietServer(uvicorn.Server):
     """uvicorn without its signal handlers: the endpoint stops its workers before the server."""
 
@@ -78,7 +84,13 @@ async def serve(options: Options) -> int:
     metrics.watch(store.counts, pool.states)
     app = create_app(options, store, pool, metrics)
     server = QuietServer(
-        uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
     )
     http = asyncio.create_task(server.serve(sockets=[sock]))
     await pool.start()

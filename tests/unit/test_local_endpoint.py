@@ -5,11 +5,13 @@ SDK, runpod's own client, and raw HTTP."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,27 @@ async def test_async_openai_sdk(endpoint: LocalEndpoint) -> None:
     )
     assert "".join([c.choices[0].delta.content or "" async for c in stream]) == TEXT
     await client.close()
+
+
+def test_an_idle_connection_outlives_the_sdks_keep_alive(endpoint: LocalEndpoint) -> None:
+    """httpx (the OpenAI SDK's transport) reuses a connection idle for up to 5 s: the endpoint
+    must not close it first, or the request sent on it as it closes fails ("Connection error")."""
+    host, port = endpoint.url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"Authorization": f"Bearer {endpoint.key}"}
+    try:
+        answers = []
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            connection.request("GET", "/v2/local/health", headers=headers)
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())["workers"]["ready"]))
+            if not pause:
+                first_socket = connection.sock
+        assert answers == [(200, 2), (200, 2)]
+        assert connection.sock is first_socket  # the same connection, still open after 6 s
+    finally:
+        connection.close()
 
 
 def test_openai_errors_raise_the_sdks_exception_classes(
