@@ -28,7 +28,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shlex
 import threading
 import time
@@ -341,8 +340,6 @@ class VllmEngine:
         engine.start_phases = {"vLLM import and engine arguments": args_s, **opened.phases}
         # the engine's own processes: not those already running (the LMCache server)
         engine._processes = [p for p in _child_processes() if p.pid not in before]
-        if opened.info.on_cpu:
-            _give_way(engine._processes, _CPU_ENGINE_NICER_BY)
         asyncio.run_coroutine_threadsafe(engine._watch_health(), loop)
         log.info(
             "engine ready in %.1f s (model %s)", time.perf_counter() - started, settings.model_id
@@ -625,25 +622,6 @@ def _is_resource_tracker(proc: psutil.Process) -> bool:
 
 
 _EXIT_WAIT_S = 2.0  # how long the engine's processes get to exit by themselves after shutdown
-
-# On CPU, how much nicer than the worker the engine's processes run. vLLM binds one OpenMP
-# thread of the model to each core, busy through every step, so the job loop (and on a laptop,
-# the local endpoint and the client) wait for a core while a step runs: at 16 streams the first
-# tokens waited 13-60 ms for one. Niced, the model's threads give way to them at once; their
-# work is small, so a step is hardly longer. On an accelerator nothing is changed: there the
-# engine's own process feeds the device, and should wait for nothing.
-_CPU_ENGINE_NICER_BY = 10
-
-
-def _give_way(processes: list[psutil.Process], by: int) -> None:
-    """Run every thread of ``processes`` ``by`` nicer than this one (threads they start later
-    inherit it). Raising niceness needs no privilege; a thread gone meanwhile is skipped."""
-    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + by)
-    for proc in processes:
-        with contextlib.suppress(psutil.Error):
-            for thread in proc.threads():
-                with contextlib.suppress(OSError):
-                    os.setpriority(os.PRIO_PROCESS, thread.id, nice)
 
 
 def _reap(processes: list[psutil.Process], grace_s: float = 5.0) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from typing import Any
 
 import httpx2
-import psutil
 import pytest
 from openai import OpenAI, Stream
 from openai.types import Completion, Model
@@ -143,23 +141,6 @@ async def test_models(engine: VllmEngine, settings: Settings) -> None:
 
     # where the model runs sets the stream POST budget when STREAM_POSTS_PER_S is unset
     assert engine.model_info.on_cpu is (not torch.cuda.is_available())
-
-
-def niceness(proc: psutil.Process) -> set[int]:
-    return {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in proc.threads()}
-
-
-async def test_engine_processes_give_way_on_cpu(engine: VllmEngine) -> None:
-    """On CPU the model's threads (and the engine core's) run niced, so the job loop in this
-    process gets a core at once while a step runs; on a GPU nothing is changed."""
-    engine_processes = [
-        p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")
-    ]
-    assert {p.name() for p in engine_processes} >= {"VLLM::EngineCore"}
-    [own] = niceness(psutil.Process())  # the worker's own threads (the job loop): unchanged
-    expected = min(19, own + 10) if engine.model_info.on_cpu else own
-    for proc in engine_processes:
-        assert niceness(proc) == {expected}, proc.name()
 
 
 LONG = "hello " * 3000

@@ -92,3 +92,31 @@ def test_hops_of_all_processes_line_up_by_tag() -> None:
         },
         "v0-1e": {burst_timeline.CLIENT_SENT: 10.020, "vLLM: request to the engine": 10.021},
     }
+
+
+def rounds_cell(path: str, rounds: list[float]) -> load.Cell:
+    """Four requests a round at concurrency 4, TTFTs 0-30 ms apart around each round's base."""
+    x = load.Cell(path, True, 4)
+    for base in rounds:
+        x.samples += [load.Sample(2.0, 10, base + i / 100, 0.05) for i in range(4)]
+        x.ttft_p50_by_round_ms.append(round((base + 0.015) * 1000, 1))
+    x.summarise(10.0)
+    return x
+
+
+def test_ttft_interval_comes_from_the_rounds() -> None:
+    steady = [rounds_cell("serve", [1.0] * 6), rounds_cell("full", [1.02] * 6)]
+    four = load.Plan([1, 4], 6, 256, 128, 49152, paths=["serve", "full"], modes=[True])
+    [row] = load.ttft_interval(steady, four)
+    assert (row["other"], row["difference_ms"], row["interval_95_ms"]) == (
+        "serve",
+        20.0,
+        [20.0, 20.0],
+    )
+
+    # a round that lands 300 ms later (a burst split across prefill steps) widens it
+    bursty = [rounds_cell("serve", [1.0, 1.3] * 3), rounds_cell("full", [1.02, 1.32] * 3)]
+    [row] = load.ttft_interval(bursty, four)
+    low, high = row["interval_95_ms"]
+    assert low < -200 and high > 200
+    assert "+20 ms, 95% bootstrap interval over rounds" in load.rounds_text([row])
