@@ -20,12 +20,13 @@ at each concurrency (``--concurrency``), streamed and one-shot (``--modes``). Ev
 for the whole run (an idle vLLM engine takes no CPU), and each cell's requests go in rounds of
 ``concurrency`` at once, each round through every path in turn (each round starting one path
 further on), so the machine's drift in speed (large on a shared 2-core host) touches all paths
-alike. First a TTFT probe (``--probe``): short
-streams one at a time through every path in turn. Per cell: time to first token (p50, p99;
-streamed), inter-token latency (a stream's first to last token over its tokens, p50, p99),
-request latency, output tokens/s over the cell, stream POSTs per job (from the endpoint's
-metrics), and the CPU time each process spent per 1,000 output tokens. Then the full path's
-ratios to every other path, and the targets, within this run.
+alike. First a TTFT probe (``--probe``): short streams one at a time through every path in
+turn. Per cell: time to first token (p50, p99; streamed; and each round's p50),
+inter-token latency (a stream's first to last token over its tokens, p50, p99), request
+latency, output tokens/s over the cell, stream POSTs per job (from the endpoint's metrics), and
+the CPU time each process spent per 1,000 output tokens. Then the full path's ratios to every
+other path, the targets, and (concurrency > 1) how far the run can tell TTFT p50s apart,
+within this run.
 
 Writes ``OUT/load.json`` (``--baseline`` compares a new run with an older file) and
 ``OUT/load.png``, and prints Markdown tables.
