@@ -85,7 +85,7 @@ def read_marks(folder: Path) -> list[dict[str, Any]]:
     for path in folder.glob("*.jsonl"):
         for line in path.read_text().splitlines():
             with contextlib.suppress(ValueError):
-                marks.append({**json.loads(line), "process": path.stem})
+                marks.append(json.loads(line))
     return marks
 
 
