@@ -147,6 +147,11 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
             await asyncio.wait([stopping, taking, running], return_when=asyncio.FIRST_COMPLETED)
             self.kill_worker()
             taking.cancel()  # its held long-poll would still take a job
+            log.info(
+                "stopping: no more jobs are taken; %d running get %.0f s to finish",
+                len(self._jobs),
+                self.shutdown_grace_s,
+            )
             if not (await asyncio.wait([running], timeout=self.shutdown_grace_s))[0]:
                 await self._fail_running(session)
             stops.cancel()

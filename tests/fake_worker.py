@@ -8,8 +8,11 @@ engine) makes requests last long enough to cancel; ``WORKER_METRICS_PORT`` serve
 engine's running-request gauge, as the real worker does. As in the real worker, an engine that
 dies makes the worker stop taking jobs and exit 1 (:class:`handler.worker.EngineWatch`): a
 request whose last message is :data:`DIE` is answered, then the engine dies a moment later, the
-way a crashed engine core is noticed. ``FAKE_WORKER_SHM=1`` makes the worker hold POSIX shared
-memory and a semaphore the way multiprocessing does for vLLM, and print their /dev/shm names.
+way a crashed engine core is noticed; a request whose last message is :data:`DIES_IN` followed by
+this worker's id (``RUNPOD_POD_ID``) finds the engine dead (the job fails with a 503), in that
+worker only, so the same job retried on its replacement completes. ``FAKE_WORKER_SHM=1`` makes
+the worker hold POSIX shared memory and a semaphore the way multiprocessing does for vLLM, and
+print their /dev/shm names.
 """
 
 from __future__ import annotations
@@ -36,14 +39,18 @@ from handler.worker import (
 from tests.fakes import FakeEngine
 
 DIE = "__engine_dies_after_this__"
+DIES_IN = "__engine_dies_in_worker__ "
 DEATH_DELAY_S = 0.05
 
 
 class MortalEngine(FakeEngine):
     async def serve(self, call: EngineCall) -> EngineReply:
-        reply = await super().serve(call)
         messages = (call.body or {}).get("messages") or [{}]
-        if isinstance(messages, list) and messages[-1].get("content") == DIE:
+        last = messages[-1].get("content") if isinstance(messages, list) else None
+        if last == DIES_IN + os.environ.get("RUNPOD_POD_ID", ""):
+            self.is_dead = True
+        reply = await super().serve(call)
+        if last == DIE:
             asyncio.get_running_loop().call_later(DEATH_DELAY_S, setattr, self, "is_dead", True)
         return reply
 

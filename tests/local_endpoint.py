@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import runpod
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 
 
 @dataclass
@@ -84,12 +85,69 @@ class LocalEndpoint:
             return default
         raise AssertionError(f"metric {name} not served by worker {worker}")
 
-    def wait_for(self, predicate: Any, what: str, timeout: float = 30) -> None:
+    def wait_for(
+        self,
+        predicate: Callable[[], object],
+        what: str,
+        timeout: float = 60,
+        seen: Callable[[], object] | None = None,
+    ) -> None:
+        """Poll ``predicate`` until it holds. ``timeout`` is a safety net, not a measurement: a
+        wait that runs out says what it saw (``seen()``, and the endpoint's jobs and workers)."""
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
+                last = f"; last seen: {seen()}" if seen is not None else ""
+                raise AssertionError(
+                    f"timed out after {timeout:g} s waiting for {what}{last}; {self.state()}"
+                )
             time.sleep(0.1)
+
+    def state(self) -> str:
+        """The endpoint's job counts and its workers, for a wait that timed out."""
+        try:
+            health = self.call("GET", "/health", timeout=10)[1]
+            workers = self.workers()
+        except (OSError, AssertionError) as exc:
+            return f"the endpoint did not answer: {exc!r}"
+        keys = ("id", "alive", "ready", "starts", "last_exit", "jobs_in_progress")
+        brief = [{key: worker.get(key) for key in keys} for worker in workers]
+        return f"jobs {health.get('jobs')}; workers {brief}"
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """RunPod's /status of ``job_id``."""
+        code, body = self.call("GET", f"/status/{job_id}")
+        assert code == 200, (code, body)
+        return dict(body)
+
+    def wait_status(
+        self, job_id: str, statuses: Collection[str] = FINAL, timeout: float = 240
+    ) -> dict[str, Any]:
+        """The job's /status once it is in one of ``statuses`` (by default: it has ended)."""
+        last: dict[str, Any] = {}
+
+        def reached() -> bool:
+            last.update(self.status(job_id))
+            return last["status"] in statuses
+
+        self.wait_for(reached, f"job {job_id} to be {'/'.join(statuses)}", timeout, lambda: last)
+        return last
+
+    def first_output(self, job_id: str, timeout: float = 240) -> list[Any]:
+        """The job's first streamed chunks, once the endpoint has them (RunPod's /stream)."""
+        chunks: list[Any] = []
+        last: dict[str, Any] = {}
+
+        def arrived() -> bool:
+            code, body = self.call("POST", f"/stream/{job_id}")
+            assert code == 200, (code, body)
+            last.update(body)
+            chunks.extend(item["output"] for item in body["stream"])
+            return bool(chunks) or body["status"] in FINAL
+
+        self.wait_for(arrived, f"job {job_id}'s first output", timeout, lambda: last)
+        assert chunks, f"job {job_id} ended with no output: {last}"
+        return chunks
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]

@@ -93,6 +93,7 @@ async def serve(options: Options) -> int:
         )
     )
     http = asyncio.create_task(server.serve(sockets=[sock]))
+    timer = asyncio.create_task(store.keep_time())
     await pool.start()
     print(f"local endpoint: {url}/v2/{options.endpoint_id} ({options.workers} worker(s))")
     print(f"  OpenAI base URL: {url}/v2/{options.endpoint_id}/openai/v1", flush=True)
@@ -107,6 +108,7 @@ async def serve(options: Options) -> int:
         code = 1
     ready.cancel()
     stopped.cancel()
+    timer.cancel()
     print("local endpoint: stopping workers", flush=True)
     await pool.stop(options.grace_s)
     server.should_exit = True

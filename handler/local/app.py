@@ -1,9 +1,10 @@
 """The local endpoint's HTTP surface, for one endpoint id, all under ``/v2/{id}``.
 
-Client side (RunPod's public API): ``run``, ``runsync``, ``status``, ``stream`` (incremental),
-``cancel``, ``purge-queue``, ``health``, and the OpenAI route ``openai/v1/...``, which turns a
-request into a ``{"openai_route", "openai_input"}`` job and relays the worker's SSE text as it
-arrives. Worker side (what runpod's SDK calls in production): ``job-take``, ``job-take-batch``,
+Client side (RunPod's public API): ``run``, ``runsync`` (each with RunPod's ``policy``:
+``executionTimeout``, ``ttl``), ``status``, ``stream`` (incremental), ``cancel``, ``retry``,
+``purge-queue``, ``health``, and the OpenAI route ``openai/v1/...``, which turns a request into a
+``{"openai_route", "openai_input"}`` job and relays the worker's SSE text as it arrives.
+Worker side (what runpod's SDK calls in production): ``job-take``, ``job-take-batch``,
 ``job-stream``, ``job-done``, ``job-stop``, ``ping``, each refused (401) without the worker key
 the endpoint gave its workers as ``RUNPOD_AI_API_KEY``. Plus ``/metrics`` (Prometheus) and
 ``/local/workers`` (the worker processes and their metrics URLs), which need the client key when
@@ -30,7 +31,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from handler.errors import (
@@ -41,7 +42,15 @@ from handler.errors import (
     from_validation_error,
     job_error,
 )
-from handler.local.jobstore import Job, JobStore, Status
+from handler.local.jobstore import (
+    RUN_RETENTION_S,
+    RUNSYNC_RETENTION_S,
+    Job,
+    JobStore,
+    Limits,
+    NotRetryable,
+    Status,
+)
 from handler.local.metrics import Metrics
 from handler.local.options import Options
 from handler.local.relay import (
@@ -66,11 +75,35 @@ WAIT_SLICE_S = 30.0
 UNCARRYABLE = "The job's input cannot be encoded as JSON for a worker; it was not run."
 
 
+class Policy(BaseModel):
+    """RunPod's per-job execution policy (milliseconds, RunPod's bounds)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    execution_timeout_ms: int | None = Field(
+        None, alias="executionTimeout", ge=5_000, le=7 * 24 * 3600 * 1000
+    )
+    ttl_ms: int | None = Field(None, alias="ttl", ge=10_000, le=7 * 24 * 3600 * 1000)
+    low_priority: bool = Field(False, alias="lowPriority")  # one local queue: no effect
+
+
 class RunRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input: Any
     webhook: str | None = None
+    policy: Policy | None = None
+
+    def limits(self, options: Options, retention_s: float) -> Limits:
+        policy = self.policy or Policy.model_validate({})
+        timeout_ms, ttl_ms = policy.execution_timeout_ms, policy.ttl_ms
+        return Limits(
+            execution_timeout_s=options.execution_timeout_s
+            if timeout_ms is None
+            else timeout_ms / 1000,
+            ttl_s=options.job_ttl_s if ttl_ms is None else ttl_ms / 1000,
+            retention_s=retention_s,
+        )
 
 
 class Unauthorized(WorkerError):
@@ -237,7 +270,7 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
             raise NotFound(f"No job {job_id!r} on endpoint {options.endpoint_id!r}.")
         return job
 
-    def submit(payload: Any) -> Job:
+    def submit(payload: Any, retention_s: float = RUN_RETENTION_S) -> Job:
         try:
             run = RunRequest.model_validate(payload)
         except ValidationError as exc:
@@ -251,7 +284,7 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
             )
         if store.closed:
             raise WorkerError("The endpoint is shutting down.", status=503, type="Unavailable")
-        return store.submit(run.input)
+        return store.submit(run.input, run.limits(options, retention_s))
 
     # -- RunPod's public API ---------------------------------------------------------------------
 
@@ -264,7 +297,7 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
     async def runsync(
         request: Request, wait: Annotated[int, Query(ge=1000, le=300_000)] = 90_000
     ) -> dict[str, Any]:
-        job = submit(await read_json(request, MAX_RUNSYNC_BYTES))
+        job = submit(await read_json(request, MAX_RUNSYNC_BYTES), RUNSYNC_RETENTION_S)
         await wait_until(store, job, lambda: job.final, wait / 1000)
         return status_body(job)
 
@@ -292,6 +325,17 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
         store.cancel(job)
         return {"id": job.id, "status": job.status.value}
 
+    @client.post("/retry/{job_id}")
+    async def retry(job_id: str) -> dict[str, Any]:
+        job = find(job_id)
+        if store.closed:
+            raise WorkerError("The endpoint is shutting down.", status=503, type="Unavailable")
+        try:
+            store.retry(job)
+        except NotRetryable as exc:
+            raise InvalidRequest(str(exc)) from None
+        return {"id": job.id, "status": job.status.value}
+
     @client.post("/purge-queue")
     async def purge_queue() -> dict[str, Any]:
         return {"removed": store.purge(), "status": "completed"}
@@ -302,7 +346,8 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
         return {
             "jobs": {
                 "completed": counts[Status.COMPLETED],
-                "failed": counts[Status.FAILED],
+                # RunPod's /health has no field for TIMED_OUT: they are failures
+                "failed": counts[Status.FAILED] + counts[Status.TIMED_OUT],
                 "cancelled": counts[Status.CANCELLED],
                 "inProgress": counts[Status.IN_PROGRESS],
                 "inQueue": counts[Status.IN_QUEUE],

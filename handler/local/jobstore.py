@@ -1,10 +1,20 @@
 """The local endpoint's job queue and job records, shared by its client and worker sides.
 
-A job goes IN_QUEUE -> IN_PROGRESS (a worker took it) -> COMPLETED | FAILED | CANCELLED, as on
-RunPod. A worker that fails a job as unavailable (a 503 ``ServiceUnavailableError``: its engine
-died, or it is shutting down) before the job produced any output is going away: the job goes back
-to the front of the queue for another worker (at most :data:`MAX_RETRIES` times; /health counts
-them as ``retried``), and that worker is handed nothing more.
+A job goes IN_QUEUE -> IN_PROGRESS (a worker took it) -> COMPLETED | FAILED | CANCELLED |
+TIMED_OUT, as on RunPod (its job states and job operations):
+
+* A final state is final. A FAILED or TIMED_OUT job runs again only when a client asks
+  (:meth:`JobStore.retry`, RunPod's ``/retry``): its output and error are removed and it goes to
+  the back of the queue. Nothing is retried on its own, so a client sees every failure here as it
+  would on RunPod.
+* A worker that fails a job as unavailable (a 503 ``ServiceUnavailableError``: its engine died, or
+  it is shutting down) is going away: it is handed nothing more.
+* Time limits (:meth:`JobStore.sweep`): a job running longer than its execution timeout is
+  TIMED_OUT and stopped in its worker; so is a job not ended when its TTL (counted from
+  submission) passes. A final job is forgotten once its result retention has passed (30 min for
+  ``/run``, 1 min for ``/runsync``): then it is unknown (404) to every operation, ``/retry``
+  included. (RunPod deletes a job's data at its TTL whatever its state; here a job that timed out
+  keeps its TIMED_OUT status for the retention period, so a client polling sees why it ended.)
 
 Workers long-poll :meth:`JobStore.take` and :meth:`JobStore.stop_signals`; clients wait on
 :meth:`JobStore.wait` for a job to change (a streamed chunk, a final state). Nothing here does I/O:
@@ -31,10 +41,29 @@ class Status(enum.StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
 
 
-FINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
-MAX_RETRIES = 2  # a job that takes its worker's engine down each time fails after this many
+FINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
+RETRYABLE = frozenset({Status.FAILED, Status.TIMED_OUT})
+# RunPod's: results of /run are kept 30 minutes after the job ends, of /runsync 1 minute; a job
+# lives at most its TTL (24 h unless its policy says otherwise); a job runs at most its execution
+# timeout (the endpoint's 600 s unless its policy says otherwise).
+RUN_RETENTION_S = 1800.0
+RUNSYNC_RETENTION_S = 60.0
+DEFAULT_TTL_S = 24 * 3600.0
+DEFAULT_EXECUTION_TIMEOUT_S = 600.0
+SWEEP_S = 0.5  # how often time limits are checked
+
+
+class NotRetryable(Exception):
+    """/retry of a job that is not FAILED or TIMED_OUT."""
+
+
+def timeout_error(message: str) -> str:
+    """A TIMED_OUT job's error, the OpenAI error object as JSON (as workers fail jobs)."""
+    body = {"message": message, "type": "TimeoutError", "param": None, "code": 504}
+    return json.dumps({"error": body})
 
 
 def unavailable(error: str) -> bool:
@@ -65,10 +94,20 @@ class Signal:
 
 
 @dataclass
+class Limits:
+    """How long a job may run once taken, live in all, and keep its result once final."""
+
+    execution_timeout_s: float = DEFAULT_EXECUTION_TIMEOUT_S
+    ttl_s: float = DEFAULT_TTL_S
+    retention_s: float = RUN_RETENTION_S
+
+
+@dataclass
 class Job:
     id: str
     input: Any
     created: float
+    limits: Limits = field(default_factory=Limits)
     status: Status = Status.IN_QUEUE
     worker_id: str | None = None
     started: float | None = None
@@ -100,13 +139,11 @@ class JobStore:
     def __init__(
         self,
         observer: Observer | None = None,
-        retention_s: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.closed = False
         self._observer = observer or Observer()
-        self._retention_s = retention_s
         self._clock = clock
         self._pending: deque[str] = deque()
         self._work = Signal()
@@ -118,13 +155,35 @@ class JobStore:
 
     # -- client side -------------------------------------------------------------------------
 
-    def submit(self, job_input: Any) -> Job:
-        self._forget_old()
-        job = Job(id=f"local-{uuid.uuid4()}", input=job_input, created=self._clock())
+    def submit(self, job_input: Any, limits: Limits | None = None) -> Job:
+        self.sweep()
+        job = Job(
+            id=f"local-{uuid.uuid4()}",
+            input=job_input,
+            created=self._clock(),
+            limits=limits or Limits(),
+        )
         self.jobs[job.id] = job
         self._pending.append(job.id)
         self._work.fire()
         return job
+
+    def retry(self, job: Job) -> None:
+        """RunPod's /retry: a FAILED or TIMED_OUT job, its output and error removed, queued
+        again (at the back) for a new run. Anything else raises :class:`NotRetryable`."""
+        if job.status not in RETRYABLE:
+            raise NotRetryable(
+                f"Job {job.id!r} is {job.status.value}; only FAILED or TIMED_OUT jobs can be "
+                "retried."
+            )
+        job.status, job.worker_id, job.started, job.finished = Status.IN_QUEUE, None, None, None
+        job.first_output, job.output, job.error = None, None, None
+        job.stream, job.stream_read, job.stream_posts = [], 0, 0
+        job.retries += 1
+        self.retried += 1
+        self._pending.append(job.id)
+        job.changed.fire()
+        self._work.fire()
 
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
@@ -135,9 +194,8 @@ class JobStore:
             return
         if job.status is Status.IN_QUEUE:
             self._pending.remove(job.id)
-        elif job.worker_id is not None:
-            self._stops.setdefault(job.worker_id, []).append(job.id)
-            self._signal_for(job.worker_id).fire()
+        else:
+            self._stop_in_worker(job)
         self._finish(job, Status.CANCELLED)
 
     def purge(self) -> int:
@@ -203,9 +261,6 @@ class JobStore:
             error = str(result["error"])
             if unavailable(error) and job.worker_id is not None:
                 self._going_away.add(job.worker_id)
-                if not job.stream and job.retries < MAX_RETRIES:
-                    self._requeue(job)
-                    return
             job.error = error
             self._finish(job, Status.FAILED)
             return
@@ -271,14 +326,6 @@ class JobStore:
     def _signal_for(self, worker_id: str) -> Signal:
         return self._stop_signal.setdefault(worker_id, Signal())
 
-    def _requeue(self, job: Job) -> None:
-        job.status, job.worker_id, job.started = Status.IN_QUEUE, None, None
-        job.retries += 1
-        self.retried += 1
-        self._pending.appendleft(job.id)
-        job.changed.fire()
-        self._work.fire()
-
     def _mark_first_output(self, job: Job) -> None:
         if job.first_output is None:
             job.first_output = self._clock()
@@ -290,13 +337,35 @@ class JobStore:
         self._observer.finished(job)
         job.changed.fire()
 
-    def _forget_old(self) -> None:
-        """Drop final jobs older than the retention period (RunPod keeps results for a while)."""
-        horizon = self._clock() - self._retention_s
-        stale = [
-            job_id
-            for job_id, job in self.jobs.items()
-            if job.final and job.finished is not None and job.finished < horizon
-        ]
-        for job_id in stale:
-            del self.jobs[job_id]
+    def _stop_in_worker(self, job: Job) -> None:
+        if job.worker_id is not None:
+            self._stops.setdefault(job.worker_id, []).append(job.id)
+            self._signal_for(job.worker_id).fire()
+
+    def _time_out(self, job: Job, message: str) -> None:
+        if job.status is Status.IN_QUEUE:
+            self._pending.remove(job.id)
+        elif job.status is Status.IN_PROGRESS:
+            self._stop_in_worker(job)
+        job.error = timeout_error(message)
+        self._finish(job, Status.TIMED_OUT)
+
+    def sweep(self) -> None:
+        """Apply every job's time limits now (see the module docstring)."""
+        now = self._clock()
+        for job in list(self.jobs.values()):
+            limits = job.limits
+            timeout = limits.execution_timeout_s
+            running = job.status is Status.IN_PROGRESS and job.started is not None
+            if running and now >= (job.started or now) + timeout:
+                self._time_out(job, f"The job ran past its execution timeout ({timeout:g} s).")
+            if not job.final and now >= job.created + limits.ttl_s:
+                self._time_out(job, f"The job's TTL ({limits.ttl_s:g} s) passed before it ended.")
+            if job.final and job.finished is not None and now >= job.finished + limits.retention_s:
+                del self.jobs[job.id]
+
+    async def keep_time(self, every_s: float = SWEEP_S) -> None:
+        """:meth:`sweep` every ``every_s`` until the store is closed."""
+        while not self.closed:
+            self.sweep()
+            await asyncio.sleep(every_s)

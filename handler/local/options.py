@@ -38,6 +38,20 @@ class Options(BaseModel):
     grace_s: float = Field(
         60.0, gt=0, description="On shutdown, how long workers get to finish in-flight jobs."
     )
+    execution_timeout_s: float = Field(
+        600.0,
+        ge=5,
+        le=7 * 24 * 3600,
+        description="A job running longer is TIMED_OUT and stopped (RunPod's endpoint setting; "
+        "a job's policy.executionTimeout overrides it).",
+    )
+    job_ttl_s: float = Field(
+        24 * 3600.0,
+        ge=10,
+        le=7 * 24 * 3600,
+        description="A job not ended this long after submission is TIMED_OUT (RunPod's "
+        "endpoint setting; a job's policy.ttl overrides it).",
+    )
     restart: bool = Field(True, description="Start a worker again after it exits.")
     worker_module: str = Field(
         "handler",

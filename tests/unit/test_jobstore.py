@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from handler.local.jobstore import Job, JobStore, Observer, Status
+import pytest
+
+from handler.local.jobstore import Job, JobStore, Limits, NotRetryable, Observer, Status
 from handler.local.relay import (
     job_failure,
     one_shot_output,
@@ -149,17 +151,23 @@ async def test_close_releases_every_poll_and_cancels_the_queue() -> None:
     assert job.status is Status.CANCELLED
 
 
-async def test_old_final_jobs_are_forgotten() -> None:
+async def test_final_jobs_are_forgotten_after_their_result_retention() -> None:
     clock = Clock()
-    store = JobStore(retention_s=60, clock=clock)
-    old = store.submit("a")
-    store.cancel(old)
-    running = store.submit("b")
+    store = JobStore(clock=clock)
+    run = store.submit("a")  # /run: 30 minutes
+    sync = store.submit("b", Limits(retention_s=60))  # /runsync: 1 minute
+    running = store.submit("c")
+    store.cancel(run)
+    store.cancel(sync)
     await store.take("w0", 1, hold_s=1)
     clock.now += 61
-    store.submit("c")
-    assert store.get(old.id) is None
-    assert store.get(running.id) is running
+    store.sweep()
+    assert (store.get(run.id), store.get(sync.id), store.get(running.id)) == (run, None, running)
+    clock.now += 1800
+    store.sweep()
+    # ``running`` passed its execution timeout: TIMED_OUT, kept for its retention in turn
+    assert (store.get(run.id), store.get(running.id)) == (None, running)
+    assert running.status is Status.TIMED_OUT
 
 
 def test_failures_map_to_openai_errors_with_their_status() -> None:
@@ -198,30 +206,74 @@ def unavailable_error() -> dict[str, str]:
     return {"error": json.dumps({"error": {**body, "code": 503}})}
 
 
-async def test_a_job_a_going_away_worker_could_not_start_waits_for_another() -> None:
+async def test_a_job_failed_before_any_output_stays_failed_and_its_worker_gets_no_more() -> None:
+    """As on RunPod: nothing is retried on its own, even a 503 before any output."""
     store = JobStore()
-    job = store.submit({"prompt": "hi"})
+    job, other = store.submit({"prompt": "hi"}), store.submit("next")
     assert await store.take("w0", 1, hold_s=1) == [job]
     store.complete(job, unavailable_error())
-    assert (job.status, job.worker_id, job.retries, store.retried) == (Status.IN_QUEUE, None, 1, 1)
+    assert (job.status, json.loads(job.error or "")["error"]["code"]) == (Status.FAILED, 503)
+    assert (store.retried, store.counts()[Status.IN_QUEUE]) == (0, 1)
     assert await store.take("w0", 1, hold_s=0.01) == []  # w0 is going away: nothing more for it
+    assert await store.take("w1", 1, hold_s=1) == [other]
+
+
+async def test_retry_runs_a_failed_or_timed_out_job_again_without_its_old_output() -> None:
+    clock = Clock()
+    store = JobStore(clock=clock)
+    job = store.submit("a", Limits(execution_timeout_s=5))
+    assert await store.take("w0", 1, hold_s=1) == [job]
+    store.add_output(job, "partial")
+    store.complete(job, unavailable_error())
+    store.retry(job)
+    assert (job.status, job.output, job.error, job.stream, job.worker_id) == (
+        Status.IN_QUEUE,
+        None,
+        None,
+        [],
+        None,
+    )
+    assert status_body(job) == {"id": job.id, "status": "IN_QUEUE"}
+    assert await store.take("w1", 1, hold_s=1) == [job]
+    clock.now += 5
+    store.sweep()
+    assert job.status is Status.TIMED_OUT
+    assert await store.stop_signals("w1", hold_s=1) == [job.id]  # stopped in its worker
+    store.retry(job)
     assert await store.take("w1", 1, hold_s=1) == [job]
     store.complete(job, {"output": ["ok"]})
-    assert (job.status, store.totals[Status.FAILED]) == (Status.COMPLETED, 0)
+    assert (job.status, job.output, job.retries, store.retried) == (Status.COMPLETED, ["ok"], 2, 2)
+    for status in (Status.COMPLETED, Status.CANCELLED, Status.IN_QUEUE, Status.IN_PROGRESS):
+        job.status = status
+        with pytest.raises(NotRetryable, match=f"is {status.value}; only FAILED or TIMED_OUT"):
+            store.retry(job)
 
 
-async def test_a_job_that_streamed_or_was_retried_enough_fails_with_the_503() -> None:
-    store = JobStore()
-    streamed, poison = store.submit("a"), store.submit("b")
-    assert await store.take("w0", 1, hold_s=1) == [streamed]
-    store.add_output(streamed, "chunk")
-    store.complete(streamed, unavailable_error())
-    assert streamed.status is Status.FAILED  # its client saw output already
-    for worker in ("w1", "w2", "w3"):
-        assert await store.take(worker, 1, hold_s=1) == [poison]
-        store.complete(poison, unavailable_error())
-    assert (poison.status, poison.retries) == (Status.FAILED, 2)
-    assert json.loads(poison.error or "")["error"]["code"] == 503
+async def test_time_limits_from_submission_and_from_start() -> None:
+    clock = Clock()
+    store = JobStore(clock=clock)
+    queued = store.submit("q", Limits(ttl_s=10))
+    slow = store.submit("s", Limits(execution_timeout_s=30))
+    await store.take("w0", 1, hold_s=1)  # takes ``queued``
+    await store.take("w1", 1, hold_s=1)  # takes ``slow``
+    queued.status, queued.worker_id = Status.IN_QUEUE, None  # as if no worker had taken it
+    store._pending.append(queued.id)
+    clock.now += 10
+    store.sweep()
+    assert (queued.status, slow.status) == (Status.TIMED_OUT, Status.IN_PROGRESS)
+    assert json.loads(queued.error or "")["error"] == {
+        "message": "The job's TTL (10 s) passed before it ended.",
+        "type": "TimeoutError",
+        "param": None,
+        "code": 504,
+    }
+    assert store.counts()[Status.IN_QUEUE] == 0
+    clock.now += 20
+    store.sweep()
+    assert slow.status is Status.TIMED_OUT
+    assert "past its execution timeout (30 s)" in (slow.error or "")
+    assert job_failure(slow)[0] == 504
+    assert store.totals[Status.TIMED_OUT] == 2
 
 
 async def test_fail_ends_a_queued_or_running_job_with_the_error() -> None:

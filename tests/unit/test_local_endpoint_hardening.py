@@ -10,7 +10,6 @@ import re
 import select
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -22,12 +21,14 @@ import pytest
 
 from handler.local.app import MAX_JSON_DEPTH, encode_taken
 from handler.local.jobstore import JobStore, Status
-from tests.fake_worker import DIE
+from tests.fake_worker import DIES_IN
 from tests.fakes import TEXT
 from tests.local_endpoint import KEY, LocalEndpoint, fake_endpoint
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SLOW_S = 5.0  # a one-shot request's time in the fake engine
+# a streamed job: 10 events of at least the endpoint's pause each (1 s in the timeout test)
+STREAMED = {"messages": QUESTION, "stream": True}
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +87,6 @@ def openai_error(status: int, body: Any, code: int, type_: str = "BadRequestErro
     return str(body["error"]["message"])
 
 
-def wait_final(endpoint: LocalEndpoint, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        _, status = endpoint.call("GET", f"/status/{job_id}")
-        if status["status"] in {"COMPLETED", "FAILED", "CANCELLED"}:
-            return dict(status)
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
-
-
 # -- 6: worker webhooks need the worker key ------------------------------------------------------
 
 
@@ -116,7 +107,7 @@ def test_webhooks_refuse_calls_without_the_worker_key(endpoint: LocalEndpoint) -
             body = {"output": "forged"} if method == "POST" else None
             status, answer = endpoint.call(method, path, body, key=key, timeout=10)
             openai_error(status, answer, 401, "AuthenticationError")
-    assert wait_final(endpoint, job["id"])["status"] == "COMPLETED"  # the real worker got it
+    assert endpoint.wait_status(job["id"])["status"] == "COMPLETED"  # the real worker got it
 
     # the worker has its key from the environment, never from its command line
     process = psutil.Process(worker["pid"])
@@ -163,7 +154,7 @@ def test_the_deepest_body_allowed_still_runs(endpoint: LocalEndpoint) -> None:
     body = b'{"input": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
     status, job = raw_post(endpoint, "/run", body)
     assert status == 200, job
-    assert wait_final(endpoint, job["id"])["status"] == "FAILED"  # no prompt: the worker's 400
+    assert endpoint.wait_status(job["id"])["status"] == "FAILED"  # no prompt: the worker's 400
 
 
 async def test_a_job_that_cannot_be_encoded_fails_and_its_batch_still_goes_out() -> None:
@@ -183,17 +174,19 @@ async def test_a_job_that_cannot_be_encoded_fails_and_its_batch_still_goes_out()
 def test_a_one_shot_request_whose_client_times_out_stops_in_the_worker(
     endpoint: LocalEndpoint,
 ) -> None:
+    """The worker logs that it stopped the job (it did not finish by itself) and the engine
+    holds no request."""
+    aborted = "cancelled; its engine request was aborted"
     cancelled = endpoint.call("GET", "/health")[1]["jobs"]["cancelled"]
+    before = endpoint.log.read_text(errors="replace").count(aborted)
     impatient = endpoint.openai().with_options(timeout=1.5)
-    started = time.monotonic()
     with pytest.raises(openai.APITimeoutError):
         impatient.chat.completions.create(model="fake-model", messages=QUESTION)  # type: ignore[arg-type]
     endpoint.wait_for(
-        lambda: endpoint.worker_metric("worker_engine_running_requests") == 0,
-        "the engine to drop the request",
-        timeout=2,
+        lambda: endpoint.log.read_text(errors="replace").count(aborted) == before + 1,
+        "the worker to stop the job",
     )
-    assert time.monotonic() - started < SLOW_S - 0.5  # before it would have finished by itself
+    assert endpoint.worker_metric("worker_engine_running_requests") == 0
     assert endpoint.call("GET", "/health")[1]["jobs"]["cancelled"] == cancelled + 1
 
 
@@ -300,20 +293,72 @@ def test_a_killed_worker_groups_shared_memory_is_removed(endpoint: LocalEndpoint
         bystander.unlink()
 
 
-# -- 10: a job sent while a worker restarts waits for the replacement -----------------------------
+# -- 10: a job failed by its worker's engine dying stays FAILED until a client retries it ---------
 
 
-def test_a_job_sent_just_after_an_engine_crash_waits_for_the_new_worker(tmp_path: Path) -> None:
+def test_a_job_failed_by_engine_death_stays_failed_until_retried(tmp_path: Path) -> None:
+    """As on RunPod: no automatic retry. The client's /runsync sees the 503; /status says FAILED
+    after the replacement worker is ready; /retry runs it again there, and it completes."""
     with fake_endpoint(tmp_path, 0.0) as endpoint:
-        crash = {"messages": [{"role": "user", "content": DIE}]}
-        assert endpoint.call("POST", "/runsync", {"input": crash})[1]["status"] == "COMPLETED"
-        time.sleep(0.1)  # the engine is dead; the worker has not noticed yet
-        _, job = endpoint.call("POST", "/run", {"input": {"messages": QUESTION}})
-        final = wait_final(endpoint, job["id"])
+        first = endpoint.workers()[0]
+        doomed = {"messages": [{"role": "user", "content": DIES_IN + first["id"]}]}
+        code, answer = endpoint.call("POST", "/runsync", {"input": doomed})
+        assert (code, answer["status"]) == (200, "FAILED"), answer
+        error = json.loads(answer["error"])["error"]
+        assert (error["code"], error["type"]) == (503, "ServiceUnavailableError")
+
+        endpoint.wait_for(
+            lambda: endpoint.workers()[0]["starts"] == 2 and endpoint.workers()[0]["ready"],
+            "the replacement worker",
+        )
+        assert endpoint.workers()[0]["last_exit"] == {"start": 1, "code": 1, "left_behind": 0}
+        assert endpoint.status(answer["id"]) == answer
+        health = endpoint.call("GET", "/health")[1]["jobs"]
+        assert (health["failed"], health["retried"], health["inQueue"]) == (1, 0, 0)
+
+        assert endpoint.call("POST", f"/retry/{answer['id']}") == (
+            200,
+            {"id": answer["id"], "status": "IN_QUEUE"},
+        )
+        final = endpoint.wait_status(answer["id"])
         assert final["status"] == "COMPLETED", final
         assert final["output"][0]["choices"][0]["message"]["content"] == TEXT
-        worker = endpoint.workers()[0]
-        assert (worker["starts"], worker["last_exit"]["code"]) == (2, 1)
-        assert final["workerId"] == worker["id"]
+        assert final["workerId"] == endpoint.workers()[0]["id"] != first["id"]
         health = endpoint.call("GET", "/health")[1]["jobs"]
-        assert (health["retried"], health["failed"]) == (1, 0)
+        assert (health["completed"], health["failed"], health["retried"]) == (1, 1, 1)
+
+        # only FAILED or TIMED_OUT jobs can be retried; unknown ones are not found
+        code, body = endpoint.call("POST", f"/retry/{answer['id']}")
+        assert "is COMPLETED; only FAILED or TIMED_OUT jobs can be retried" in openai_error(
+            code, body, 400
+        )
+        code, body = endpoint.call("POST", "/retry/local-nope")
+        openai_error(code, body, 404, "NotFoundError")
+
+
+def test_a_job_past_its_execution_timeout_is_timed_out_and_stopped(tmp_path: Path) -> None:
+    """RunPod's policy.executionTimeout: the job ends TIMED_OUT and its worker stops it (the
+    fake engine sees the stream closed early); /retry runs it again."""
+    with fake_endpoint(tmp_path, 1.0) as endpoint:
+        policy = {"executionTimeout": 5000}
+        _, job = endpoint.call("POST", "/run", {"input": STREAMED, "policy": policy})
+        final = endpoint.wait_status(job["id"])
+        assert final["status"] == "TIMED_OUT", final
+        assert json.loads(final["error"])["error"] == {
+            "message": "The job ran past its execution timeout (5 s).",
+            "type": "TimeoutError",
+            "param": None,
+            "code": 504,
+        }
+        endpoint.wait_for(
+            lambda: (
+                endpoint.workers()[0]["jobs_in_progress"] == 0
+                and endpoint.worker_metric("worker_engine_running_requests") == 0
+            ),
+            "the worker to stop the job",
+        )
+        assert endpoint.call("POST", f"/retry/{job['id']}")[1]["status"] == "IN_QUEUE"
+        again = endpoint.wait_status(job["id"])  # a new run, timed out in turn
+        assert (again["status"], again["error"]) == ("TIMED_OUT", final["error"])
+        code, body = endpoint.call("POST", "/run", {"input": STREAMED, "policy": {"ttl": 5}})
+        assert "policy.ttl" in openai_error(code, body, 400)
