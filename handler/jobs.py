@@ -6,6 +6,8 @@ Out, by shape and request:
 * OpenAI route, streamed: SSE text strings, relayed as-is to the OpenAI client; the last one ends
   with ``data: [DONE]``. One-shot: one OpenAI response dict (for ``/v1/models``, the model list).
 * native, streamed: OpenAI chunk dicts, the last carrying ``usage``. One-shot: one response dict.
+  With ``NATIVE_OUTPUT_FORMAT=worker-vllm-v2`` (or a job's ``use_openai_format: false``), RunPod's
+  official worker's v2 shape instead (:mod:`handler.v2_shape`).
 * native batch: one ``{"results": [...]}`` dict, a response or an ``{"error": {...}}`` object per
   request, in the order given. The requests run concurrently in the engine.
 
@@ -37,6 +39,7 @@ from handler.errors import (
 )
 from handler.model_card import describe_models
 from handler.protocol import (
+    BATCH_HINTS,
     Engine,
     EngineCall,
     EngineReply,
@@ -57,6 +60,7 @@ from handler.streaming import (
     sse_text,
     usage_in,
 )
+from handler.v2_shape import V2Stream, v2_response
 
 log = logging.getLogger("handler.jobs")
 
@@ -69,9 +73,10 @@ def make_handler(
     """The async-generator function runpod calls once per job."""
 
     pacer = Pacer(settings.flush_interval_s, settings.posts_per_s(engine.model_info.on_cpu))
+    noted: set[str] = set()
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
-        async for output in run_job(job, engine, settings, on_engine_dead, pacer):
+        async for output in run_job(job, engine, settings, on_engine_dead, pacer, noted):
             yield output
 
     return handler
@@ -83,6 +88,7 @@ async def run_job(
     settings: Settings,
     on_engine_dead: Callable[[], None],
     pacer: Pacer,
+    noted: set[str] | None = None,
 ) -> AsyncIterator[Any]:
     job_id = str(job.get("id") or "job")
     try:
@@ -90,22 +96,27 @@ async def run_job(
             raise EngineDead()
         parsed = parse_job(job.get("input"))
         if isinstance(parsed, NativeBatch):
-            yield await run_batch(batch_items(parsed, settings), engine, settings, job_id)
+            items = batch_items(parsed, settings)
+            _note_ignored([i for i in items if isinstance(i, NativeJob)], noted)
+            yield await run_batch(items, engine, settings, job_id)
             return
+        if isinstance(parsed, NativeJob):
+            _note_ignored([parsed], noted)
         call, shape = to_engine_call(parsed, settings, job_id)
         if call.route.startswith(MODEL_PREFIX):
             yield await model_card(call.route.removeprefix(MODEL_PREFIX), engine, settings)
             return
         reply = await engine.serve(call)
         if isinstance(reply, dict):
-            yield _one_shot(reply, call, engine, settings, job_id)
+            yield _one_shot(reply, call, shape, engine, settings, job_id)
             return
         usage = None
+        frame = _framer(shape, call)
         with pacer.streaming():
             async for batch in coalesce(reply, pacer.interval):
                 usage = usage_in(batch) or usage
                 events, failure = split_at_error(batch)
-                for output in _frame(events, shape) if events else []:
+                for output in frame(events) if events else []:
                     yield output
                 if failure is not None:
                     raise failure
@@ -130,11 +141,11 @@ async def run_batch(
         if isinstance(item, InvalidRequest):
             return error_body(item)
         try:
-            call, _ = to_engine_call(item, settings, f"{job_id}-{i}")
+            call, shape = to_engine_call(item, settings, f"{job_id}-{i}")
             reply = await engine.serve(call)
+            return _one_shot(reply, call, shape, engine, settings, f"{job_id}-{i}")
         except Exception as exc:
             return error_body(exc)
-        return _one_shot(reply, call, engine, settings, f"{job_id}-{i}")
 
     results = await asyncio.gather(*(answer(i, item) for i, item in enumerate(items)))
     if engine.dead:
@@ -158,20 +169,49 @@ async def model_card(model_id: str, engine: Engine, settings: Settings) -> dict[
 
 
 def _one_shot(
-    reply: EngineReply, call: EngineCall, engine: Engine, settings: Settings, job_id: str
+    reply: EngineReply,
+    call: EngineCall,
+    shape: Shape,
+    engine: Engine,
+    settings: Settings,
+    job_id: str,
 ) -> dict[str, Any]:
     if not isinstance(reply, dict):  # a stream where none was asked for: never from vLLM
         raise TypeError("the engine streamed a one-shot request")
     if call.route == "/v1/models":
         return describe_models(reply, settings, engine.model_info)
     _log_usage(job_id, reply.get("usage"))
-    return reply
+    return v2_response(reply) if shape is Shape.V2 else reply
 
 
-def _frame(batch: list[str], shape: Shape) -> list[Any]:
+def _framer(shape: Shape, call: EngineCall) -> Callable[[list[str]], list[Any]]:
+    """How one stream's batches become yields, for the job's shape."""
     if shape is Shape.OPENAI:
-        return [sse_text(batch)]
-    return chunk_dicts(batch)
+        return lambda batch: [sse_text(batch)]
+    if shape is Shape.V2:
+        n = (call.body or {}).get("n")
+        return V2Stream(n if isinstance(n, int) else 1).frame
+    return chunk_dicts
+
+
+_BY_TIME = "streams are batched by time here (STREAM_FLUSH_INTERVAL_MS, STREAM_POSTS_PER_S)"
+IGNORED_BECAUSE: dict[str, str] = {
+    **dict.fromkeys(BATCH_HINTS, _BY_TIME),
+    "prompt": "'messages' given too, and win (as in RunPod's official worker)",
+}
+
+
+def _note_ignored(jobs: list[NativeJob], noted: set[str] | None) -> None:
+    """Log, once per worker, each accepted-and-ignored key a job carries."""
+    new = sorted({key for job in jobs for key in job.ignored()} - (noted or set()))
+    if not new:
+        return
+    log.info(
+        "job keys accepted and ignored (said once per worker): %s",
+        "; ".join(f"{key}: {IGNORED_BECAUSE.get(key, 'not used')}" for key in new),
+    )
+    if noted is not None:
+        noted.update(new)
 
 
 def _log_usage(job_id: str, usage: Any) -> None:

@@ -152,6 +152,7 @@ class Shape(enum.Enum):
 
     OPENAI = "openai"  # streams as SSE text, exactly what an OpenAI client reads
     NATIVE = "native"  # streams as OpenAI chunk dicts
+    V2 = "worker-vllm-v2"  # RunPod's official worker v2.x: {"choices": [{"tokens"}], "usage"}
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,18 @@ class OpenAIRouteJob(BaseModel):
     openai_input: dict[str, Any] | None = None
 
 
+# Keys of RunPod's official worker v2.x that set its stream's batching (tokens per POST). This
+# worker batches streams by time (STREAM_FLUSH_INTERVAL_MS, STREAM_POSTS_PER_S): they are accepted
+# and ignored, and the log says so once.
+BATCH_HINTS = ("max_batch_size", "min_batch_size", "batch_size_growth_factor")
+
+
 class NativeJob(BaseModel):
+    """A native job; RunPod's official worker's keys (v2.x and HEAD) keep their meaning there:
+    ``messages`` wins over ``prompt`` when both are given, ``apply_chat_template`` sends a text
+    prompt as one user message through chat, ``use_openai_format`` picks OpenAI objects (true)
+    or v2's shape (false) for this job, and ``sampling_params.model`` names the model."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     messages: list[dict[str, Any]] | None = None
@@ -238,20 +250,39 @@ class NativeJob(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     stream: bool = False
     model: str | None = None
+    apply_chat_template: bool = False
+    use_openai_format: bool | None = None
+    max_batch_size: int | None = None
+    min_batch_size: int | None = None
+    batch_size_growth_factor: float | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> NativeJob:
         given = [k for k in ("messages", "prompt", "input") if getattr(self, k) is not None]
-        if len(given) != 1:
+        if given != ["messages", "prompt"] and len(given) != 1:
             raise ValueError(
                 "give exactly one of 'messages' (chat), 'prompt' (completion) or 'input' "
                 "(embeddings)"
             )
-        if (self.tools is not None or self.tool_choice is not None) and self.messages is None:
+        if (self.tools is not None or self.tool_choice is not None) and not self.chat:
             raise ValueError("'tools' and 'tool_choice' go with 'messages'")
         if self.input is not None and self.stream:
             raise ValueError("embeddings are not streamed")
+        if self.apply_chat_template and self.messages is None and not isinstance(self.prompt, str):
+            raise ValueError("'apply_chat_template' takes a text 'prompt'")
         return self
+
+    @property
+    def chat(self) -> bool:
+        """Whether the job goes to chat: it has messages, or a prompt to send as one."""
+        return self.messages is not None or (self.apply_chat_template and self.prompt is not None)
+
+    def ignored(self) -> list[str]:
+        """The keys given that this worker accepts and ignores."""
+        keys = [k for k in BATCH_HINTS if getattr(self, k) is not None]
+        if self.messages is not None and self.prompt is not None:
+            keys.append("prompt")
+        return keys
 
 
 class NativeBatch(BaseModel):
@@ -271,6 +302,7 @@ class NativeRoute(BaseModel):
 
     route: str
     body: dict[str, Any] | None = None
+    method: str | None = None  # optional, checked against the route's (GET or POST)
 
 
 ParsedJob = OpenAIRouteJob | NativeJob | NativeBatch | NativeRoute
@@ -326,20 +358,52 @@ def to_engine_call(
     if isinstance(job, OpenAIRouteJob):
         return route_call(job.openai_route, job.openai_input, request_id), Shape.OPENAI
     if isinstance(job, NativeRoute):
-        return route_call(job.route, job.body, request_id), Shape.NATIVE
-    return _native_call(job, settings, request_id), Shape.NATIVE
+        call = route_call(job.route, job.body, request_id, method=job.method, prefix="input.body.")
+        return call, Shape.NATIVE
+    shape = native_shape(job, settings)
+    return _native_call(job, settings, request_id, shape), shape
 
 
-def route_call(raw_route: str, raw_body: Mapping[str, Any] | None, request_id: str) -> EngineCall:
-    """A call of a public route, with the body given (none for a GET route)."""
-    route, method = normalize_route(raw_route)
-    if method == "GET":
+def native_shape(job: NativeJob, settings: Settings) -> Shape:
+    """OpenAI objects, or v2's shape: the job's ``use_openai_format`` if given, else the setting.
+    Embeddings always answer as OpenAI does (v2 had none)."""
+    if job.input is not None:
+        return Shape.NATIVE
+    openai = job.use_openai_format
+    if openai is None:
+        openai = settings.native_output_format == "openai"
+    return Shape.NATIVE if openai else Shape.V2
+
+
+def route_call(
+    raw_route: str,
+    raw_body: Mapping[str, Any] | None,
+    request_id: str,
+    *,
+    method: str | None = None,
+    prefix: str = "input.openai_input.",
+) -> EngineCall:
+    """A call of a public route, with the body given (none for a GET route). ``method``, when
+    given, must be the route's."""
+    route, route_method = normalize_route(raw_route)
+    _check_method(route, route_method, method)
+    if route_method == "GET":
         return EngineCall(route=route, method="GET", request_id=request_id)
     body = dict(raw_body or {})
     if route == "/v1/responses":
         # vLLM takes the Responses API's response id from the body; OpenAI's start with resp_
         body["request_id"] = "resp_" + request_id
     return EngineCall(route=route, body=body, request_id=request_id)
+
+
+def _check_method(route: str, expected: Method, given: str | None) -> None:
+    if given is not None and given.strip().upper() != expected:
+        raise InvalidRequest(
+            f"route {route} takes {expected}, not {given.strip()[:20]!r}",
+            param="input.method",
+            status=405,
+            type="MethodNotAllowedError",
+        )
 
 
 def normalize_route(raw: str) -> tuple[str, Method]:
@@ -365,20 +429,49 @@ def normalize_route(raw: str) -> tuple[str, Method]:
     )
 
 
-def _native_call(job: NativeJob, settings: Settings, request_id: str) -> EngineCall:
+def _native_call(job: NativeJob, settings: Settings, request_id: str, shape: Shape) -> EngineCall:
+    route = "/v1/embeddings" if job.input is not None else "/v1/completions"
+    route = "/v1/chat/completions" if job.chat else route
     body: dict[str, Any] = dict(job.sampling_params)
-    body["model"] = job.model or settings.model_id
+    body["model"] = _model(job, settings)
     if job.input is not None:
         body["input"] = job.input
-        return EngineCall(route="/v1/embeddings", body=body, request_id=request_id)
+        return EngineCall(route=route, body=body, request_id=request_id)
     if "max_tokens" not in body and "max_completion_tokens" not in body:
         body["max_tokens"] = settings.default_max_tokens
     if job.stream:
-        body.setdefault("stream_options", {"include_usage": True})
+        body["stream_options"] = _stream_options(body.get("stream_options"), shape)
     body["stream"] = job.stream
-    if job.messages is not None:
+    if job.chat:
         tools = {"tools": job.tools, "tool_choice": job.tool_choice}
-        body.update({k: v for k, v in tools.items() if v is not None}, messages=job.messages)
-        return EngineCall(route="/v1/chat/completions", body=body, request_id=request_id)
-    body["prompt"] = job.prompt
-    return EngineCall(route="/v1/completions", body=body, request_id=request_id)
+        body.update({k: v for k, v in tools.items() if v is not None}, messages=_messages(job))
+    else:
+        body["prompt"] = job.prompt
+    return EngineCall(route=route, body=body, request_id=request_id)
+
+
+def _model(job: NativeJob, settings: Settings) -> Any:
+    """``model`` at the top level or in ``sampling_params`` (where RunPod's official worker
+    takes it), else the served model; two different names are a 400."""
+    inner = job.sampling_params.get("model")
+    if job.model is not None and inner is not None and inner != job.model:
+        raise InvalidRequest(
+            "'model' and 'sampling_params.model' name different models; give one",
+            param="input.sampling_params.model",
+        )
+    return job.model or inner or settings.model_id
+
+
+def _messages(job: NativeJob) -> list[dict[str, Any]]:
+    if job.messages is not None:
+        return job.messages
+    return [{"role": "user", "content": job.prompt}]
+
+
+def _stream_options(given: Any, shape: Shape) -> Any:
+    """Native streams always end with usage; v2's shape reports usage in every batch, so vLLM
+    is asked for it in every chunk."""
+    if shape is Shape.V2:
+        options = given if isinstance(given, dict) else {}
+        return {**options, "include_usage": True, "continuous_usage_stats": True}
+    return {"include_usage": True} if given is None else given

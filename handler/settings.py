@@ -116,6 +116,14 @@ class Settings(BaseModel):
         gt=0,
         description="max_tokens for native jobs that give none (vLLM's own default is 16).",
     )
+    native_output_format: Literal["openai", "worker-vllm-v2"] = Field(
+        "openai",
+        alias="NATIVE_OUTPUT_FORMAT",
+        description="How native `prompt`/`messages` jobs answer: openai (OpenAI response and "
+        "chunk objects) or worker-vllm-v2 (RunPod's official worker v2.x: "
+        '`{"choices": [{"tokens": [...]}], "usage": {"input", "output"}}`, streamed in batches '
+        "of that shape). A job's `use_openai_format` overrides it.",
+    )
     stream_flush_interval_ms: float = Field(
         50.0,
         alias="STREAM_FLUSH_INTERVAL_MS",

@@ -43,9 +43,26 @@ def _stream(
         "model": call.body["model"],
     }
     events = [sse({**head, "choices": [{"index": 0, "logprobs": None, **c}]}) for c in choices]
-    if (call.body.get("stream_options") or {}).get("include_usage"):
+    options = call.body.get("stream_options") or {}
+    if options.get("continuous_usage_stats"):  # vLLM: usage so far in every chunk
+        so_far = [sum(1 for c in choices[: i + 1] if _generated(c)) for i in range(len(choices))]
+        events = [
+            sse(
+                {
+                    **head,
+                    "choices": [{"index": 0, "logprobs": None, **c}],
+                    "usage": usage(completion=k),
+                }
+            )
+            for c, k in zip(choices, so_far, strict=True)
+        ]
+    if options.get("include_usage"):
         events.append(sse({**head, "choices": [], "usage": usage(completion=generated)}))
     return [*events, "data: [DONE]\n\n"]
+
+
+def _generated(choice: dict[str, Any]) -> bool:
+    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
 
 
 def _finish(i: int, tokens: list[str], reason: str) -> str | None:
