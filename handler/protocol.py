@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from handler.errors import InvalidRequest, NotFound, from_validation_error
+from handler.guided import translate_guided
 from handler.settings import Settings
 
 Method = Literal["GET", "POST"]
@@ -384,12 +385,12 @@ def route_call(
     prefix: str = "input.openai_input.",
 ) -> EngineCall:
     """A call of a public route, with the body given (none for a GET route). ``method``, when
-    given, must be the route's."""
+    given, must be the route's; removed guided-decoding fields are translated."""
     route, route_method = normalize_route(raw_route)
     _check_method(route, route_method, method)
     if route_method == "GET":
         return EngineCall(route=route, method="GET", request_id=request_id)
-    body = dict(raw_body or {})
+    body = translate_guided(route, raw_body or {}, prefix)
     if route == "/v1/responses":
         # vLLM takes the Responses API's response id from the body; OpenAI's start with resp_
         body["request_id"] = "resp_" + request_id
@@ -432,7 +433,7 @@ def normalize_route(raw: str) -> tuple[str, Method]:
 def _native_call(job: NativeJob, settings: Settings, request_id: str, shape: Shape) -> EngineCall:
     route = "/v1/embeddings" if job.input is not None else "/v1/completions"
     route = "/v1/chat/completions" if job.chat else route
-    body: dict[str, Any] = dict(job.sampling_params)
+    body = translate_guided(route, job.sampling_params, "input.sampling_params.")
     body["model"] = _model(job, settings)
     if job.input is not None:
         body["input"] = job.input
