@@ -147,6 +147,7 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
             await asyncio.wait([stopping, taking, running], return_when=asyncio.FIRST_COMPLETED)
             self.kill_worker()
             taking.cancel()  # its held long-poll would still take a job
+            await asyncio.gather(taking, return_exceptions=True)  # and its connection closed
             log.info(
                 "stopping: no more jobs are taken; %d running get %.0f s to finish",
                 len(self._jobs),

@@ -27,6 +27,7 @@ import runpod
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+ABORTED = "cancelled; its engine request was aborted"  # a worker's log line for a stopped job
 
 
 @dataclass
@@ -148,6 +149,10 @@ class LocalEndpoint:
         self.wait_for(arrived, f"job {job_id}'s first output", timeout, lambda: last)
         assert chunks, f"job {job_id} ended with no output: {last}"
         return chunks
+
+    def log_count(self, text: str) -> int:
+        """How many times ``text`` appears in the endpoint's log (its workers' output too)."""
+        return self.log.read_text(errors="replace").count(text)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]

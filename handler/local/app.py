@@ -387,18 +387,24 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
         return find(job_id)
 
     async def take(request: Request, worker_id: str, count: int) -> list[Job]:
-        """Hold the poll until there is work; a worker that hangs up (or died) takes nothing."""
+        """Hold the poll until there is work; a worker that hangs up (or died) takes nothing:
+        jobs taken for a poll whose worker has gone go back to the front of the queue."""
         worker(worker_id)
         taking = asyncio.ensure_future(
             store.take(worker_id, count, options.take_timeout_s, lambda: pool.current(worker_id))
         )
         gone = asyncio.ensure_future(until_disconnected(request))
-        await asyncio.wait([taking, gone], return_when=asyncio.FIRST_COMPLETED)
+        with pool.polling(worker_id):
+            await asyncio.wait([taking, gone], return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         if not taking.done():
             taking.cancel()
             return []
-        return taking.result()
+        jobs = taking.result()
+        if jobs and (gone.done() or await request.is_disconnected()):
+            store.put_back(jobs)
+            return []
+        return jobs
 
     @hooks.get("/job-take/{worker_id}")
     async def job_take(worker_id: str, request: Request) -> Response:

@@ -244,6 +244,17 @@ class JobStore:
             taken.append(job)
         return taken
 
+    def put_back(self, jobs: list[Job]) -> None:
+        """Jobs :meth:`take` handed to a poll that could not deliver them (its worker hung up):
+        queued again at the front, in their order, as if never taken."""
+        for job in reversed(jobs):
+            if job.status is not Status.IN_PROGRESS:
+                continue
+            job.status, job.worker_id, job.started = Status.IN_QUEUE, None, None
+            self._pending.appendleft(job.id)
+            job.changed.fire()
+        self._work.fire()
+
     def add_output(self, job: Job, output: Any) -> None:
         """One stream POST from the worker. Late chunks of a cancelled job are dropped."""
         job.stream_posts += 1

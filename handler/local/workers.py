@@ -27,7 +27,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +76,7 @@ def webhook_env(base_url: str, endpoint_id: str, worker_id: str, key: str) -> di
 class Worker:
     slot: str  # local-worker-N
     metrics_port: int
+    polls: int = 0  # job-take long-polls it holds open now
     id: str = ""  # this start's RUNPOD_POD_ID: the slot, then slot-rK after the K-th start
     process: asyncio.subprocess.Process | None = None
     ready: bool = False
@@ -134,6 +135,18 @@ class WorkerPool:
         worker = self._current.get(worker_id)
         return worker is not None and worker.alive
 
+    @contextlib.contextmanager
+    def polling(self, worker_id: str) -> Iterator[None]:
+        """Counts a job-take long-poll of ``worker_id`` while it is held open."""
+        worker = self._current.get(worker_id)
+        if worker is not None:
+            worker.polls += 1
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.polls -= 1
+
     def seen(self, worker_id: str) -> bool:
         """A webhook call from ``worker_id``; False for a worker this pool is not running."""
         worker = self._current.get(worker_id)
@@ -180,6 +193,7 @@ class WorkerPool:
                 "starts": w.starts,
                 "last_exit": w.last_exit,
                 "jobs_in_progress": self._store.running_on(w.id),
+                "job_take_polls": w.polls,
                 "metrics_url": f"http://127.0.0.1:{w.metrics_port}/metrics",
             }
             for w in self.workers

@@ -218,6 +218,21 @@ async def test_a_job_failed_before_any_output_stays_failed_and_its_worker_gets_n
     assert await store.take("w1", 1, hold_s=1) == [other]
 
 
+async def test_jobs_a_poll_could_not_deliver_go_back_to_the_front_in_order() -> None:
+    store = JobStore()
+    a, b, c = store.submit("a"), store.submit("b"), store.submit("c")
+    taken = await store.take("w0", 2, hold_s=1)
+    assert taken == [a, b]
+    store.put_back(taken)
+    assert (a.status, a.worker_id, a.started, store.counts()[Status.IN_QUEUE]) == (
+        Status.IN_QUEUE,
+        None,
+        None,
+        3,
+    )
+    assert await store.take("w1", 3, hold_s=1) == [a, b, c]
+
+
 async def test_retry_runs_a_failed_or_timed_out_job_again_without_its_old_output() -> None:
     clock = Clock()
     store = JobStore(clock=clock)
