@@ -51,7 +51,13 @@ from handler.errors import (
     invalid_request,
 )
 from handler.protocol import EngineCall, EngineReply, ModelInfo
-from handler.settings import Settings, SettingsError, env_names, lora_specs
+from handler.settings import (
+    Settings,
+    SettingsError,
+    env_names,
+    lora_specs,
+    unknown_variables,
+)
 from handler.streaming import END, Failure
 
 log = logging.getLogger("handler.engine")
@@ -66,6 +72,7 @@ _OWNED_FLAGS = {
     "--dtype": "DTYPE",
     "--kv-cache-memory-bytes": "KV_CACHE_GB",
     "--lora-modules": "LORA_MODULES",
+    "--config": "VLLM_CONFIG_FILE",
 }
 # `vllm serve` flags that concern only its HTTP server. The worker runs vLLM's app in-process
 # without that server, and RunPod authenticates callers: these would lock the worker out of its
@@ -136,6 +143,7 @@ def owned_args(
         settings.dtype,
     ]
     optional = {
+        "--config": settings.vllm_config_file,
         "--revision": settings.model_revision,
         "--tokenizer": settings.tokenizer,
         "--max-model-len": settings.max_model_len,
@@ -214,6 +222,10 @@ def build_args(
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
+    options = [opt for action in parser._actions for opt in action.option_strings]
+    unknown = unknown_variables(settings.engine_passthrough, options)
+    if unknown:
+        log.warning("not vLLM flags, so ignored: %s", "; ".join(unknown))
     base = owned_args(settings, connector, spare_lora_slot=_on_cpu())
     _parse(parser, base, "the model settings (" + ", ".join(sorted(env_names())) + ")")
     extra: list[str] = []
@@ -272,6 +284,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], what: str) -> argpa
             return parser.parse_args(argv)
     except SystemExit:
         raise SettingsError(f"invalid {what}: {parser_error(stderr.getvalue())}") from None
+    except (OSError, ValueError) as exc:  # reading VLLM_CONFIG_FILE (vLLM's --config)
+        raise SettingsError(f"invalid {what}: VLLM_CONFIG_FILE: {exc}") from None
 
 
 def parser_error(text: str) -> str:

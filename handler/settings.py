@@ -14,10 +14,11 @@ This is the only module that reads or writes ``os.environ``.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -57,6 +58,76 @@ _NOT_ENGINE_FLAGS = frozenset(
     {"HOME", "PATH", "PWD", "SHELL", "TERM", "USER", "LANG", "HOSTNAME", "HOST", "PORT", "CONFIG"}
 )
 _FLAG_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# Prefixes and names of variables that belong to the system, the container, CUDA, Python or a
+# library rather than to vLLM's flags: a variable like these that names no flag is not worth a
+# warning (any other is: see unknown_variables).
+_ENVIRONMENT_PREFIXES = (
+    *("RUNPOD_", "VLLM_", "LMCACHE_", "CUDA", "NVIDIA_", "NV_", "NCCL_", "HF_", "HUGGING"),
+    *("TRANSFORMERS_", "TOKENIZERS_", "TORCH", "PYTORCH_", "TRITON_", "PYTHON", "PIP_", "UV_"),
+    *("LD_", "LC_", "OMP_", "MKL_", "KMP_", "XDG_", "SSH_", "AWS_", "KUBERNETES_", "CONDA"),
+    *("DEBIAN_", "GPG_", "MAKE", "PYTEST_", "WORKER_", "FAKE_", "OTEL_", "GIT_", "NODE_", "NPM_"),
+    *("GRPC_",),
+)
+_ENVIRONMENT_NAMES = frozenset(
+    {"TZ", "SHLVL", "OLDPWD", "LOGNAME", "MAIL", "DISPLAY", "COLUMNS", "LINES", "MFLAGS"}
+    | {"VIRTUAL_ENV", "VENV", "MODEL_DIR", "DO_NOT_TRACK", "TMPDIR", "TEMP", "TMP", "EDITOR"}
+    | {"PAGER", "LESS", "LS_COLORS", "HOSTTYPE", "OSTYPE", "PUBLIC_KEY", "JUPYTER_PASSWORD"}
+    | {"SSL_CERT_FILE", "SSL_CERT_DIR"}
+)
+
+# RunPod's official worker (runpod-workers/worker-vllm, README, docs/configuration.md and
+# .runpod/hub.json): its names for what this worker (or vLLM) calls otherwise, same meaning.
+WORKER_VLLM_ALIASES: dict[str, str] = {
+    "SERVED_MODEL_NAME": "OPENAI_SERVED_MODEL_NAME_OVERRIDE",
+    "TOKENIZER": "TOKENIZER_NAME",
+    "CUSTOM_CHAT_TEMPLATE": "CHAT_TEMPLATE",  # vLLM's --chat-template: a file or the template
+    "OPENAI_RESPONSE_ROLE": "RESPONSE_ROLE",
+}
+# worker-vllm v2.x's speculative-decoding variables -> the keys of vLLM's speculative config
+# (SPECULATIVE_CONFIG). A 0 is unset (its Hub form's default).
+SPECULATIVE_FIELDS: dict[str, tuple[str, type]] = {
+    "SPECULATIVE_METHOD": ("method", str),
+    "SPECULATIVE_MODEL": ("model", str),
+    "NUM_SPECULATIVE_TOKENS": ("num_speculative_tokens", int),
+    "NGRAM_PROMPT_LOOKUP_MAX": ("prompt_lookup_max", int),
+    "NGRAM_PROMPT_LOOKUP_MIN": ("prompt_lookup_min", int),
+    "SPECULATIVE_DRAFT_TENSOR_PARALLEL_SIZE": ("draft_tensor_parallel_size", int),
+    "SPECULATIVE_MAX_MODEL_LEN": ("max_model_len", int),
+    "SPECULATIVE_DISABLE_BY_BATCH_SIZE": ("disable_by_batch_size", int),
+    "SPECULATIVE_QUANTIZATION": ("quantization", str),
+    "SPECULATIVE_MODEL_REVISION": ("revision", str),
+    "SPECULATIVE_ENFORCE_EAGER": ("enforce_eager", bool),
+}
+# vLLM flags for which worker-vllm reads 0 as unset (vLLM refuses 0).
+ZERO_MEANS_UNSET = frozenset({"MAX_NUM_BATCHED_TOKENS"})
+_BY_TIME = "streams are batched by time here: STREAM_FLUSH_INTERVAL_MS, STREAM_POSTS_PER_S"
+_SPECULATIVE_ALONE = (
+    "used only beside SPECULATIVE_METHOD, SPECULATIVE_MODEL or NGRAM_PROMPT_LOOKUP_MAX"
+)
+# worker-vllm variables that do nothing here, and what to use instead; the start-up warning
+# names each one set.
+WORKER_VLLM_RETIRED: dict[str, str] = {
+    "DEFAULT_BATCH_SIZE": _BY_TIME,
+    "DEFAULT_MIN_BATCH_SIZE": _BY_TIME,
+    "DEFAULT_BATCH_SIZE_GROWTH_FACTOR": _BY_TIME,
+    "RAW_OPENAI_OUTPUT": "the OpenAI route always streams SSE text here, worker-vllm's default",
+    "GUIDED_DECODING_BACKEND": 'STRUCTURED_OUTPUTS_CONFIG, e.g. {"backend": "xgrammar"}',
+    "SWAP_SPACE": "gone from vLLM; LMCache's RAM tier, LMCACHE_L1_SIZE_GB, keeps KV caches",
+    "DEVICE": "gone from vLLM, which finds the device itself",
+    "SCHEDULER_DELAY_FACTOR": "gone from vLLM",
+    "MAX_SEQ_LEN_TO_CAPTURE": "gone from vLLM; COMPILATION_CONFIG",
+    "MAX_CONTEXT_LEN_TO_CAPTURE": "gone from vLLM; COMPILATION_CONFIG",
+    "VLLM_ATTENTION_BACKEND": "ATTENTION_BACKEND",
+    "DISABLE_LOG_REQUESTS": "ENABLE_LOG_REQUESTS, off by default",
+    "VLLM_EXTRA_ARGS": "one variable per flag, named like it: TENSOR_PARALLEL_SIZE=2",
+    "VLLM_PORT": "vLLM runs in the worker's process here, with no port",
+    "VLLM_STARTUP_TIMEOUT": "no start-up limit here; RunPod's own applies",
+    "REQUEST_TIMEOUT": "no per-request limit here; the endpoint's execution timeout applies",
+    **dict.fromkeys(
+        [k for k in SPECULATIVE_FIELDS if k not in ("SPECULATIVE_METHOD", "SPECULATIVE_MODEL")],
+        _SPECULATIVE_ALONE,
+    ),
+}
 # Shared stores LMCACHE_L2_URL may name (RESP servers: Redis, Valkey; S3).
 L2_SCHEMES = frozenset({"redis", "valkey", "s3"})
 
@@ -96,7 +167,10 @@ class Settings(BaseModel):
         description="Name clients pass as `model`; defaults to MODEL_NAME.",
     )
     max_model_len: int | None = Field(
-        None, alias="MAX_MODEL_LEN", gt=0, description="Context length; defaults to the model's."
+        None,
+        alias="MAX_MODEL_LEN",
+        description="Context length; unset or 0: the model's; auto or -1: the longest that fits "
+        "in memory (vLLM's auto-fit); 32k is 32,000 and 32K 32,768 (vLLM's spelling).",
     )
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
         "auto", alias="DTYPE", description="Weight and activation dtype."
@@ -106,6 +180,12 @@ class Settings(BaseModel):
         alias="KV_CACHE_GB",
         gt=0,
         description="KV cache size in GiB; unset: vLLM's default (GPU_MEMORY_UTILIZATION on GPU).",
+    )
+    vllm_config_file: str | None = Field(
+        None,
+        alias="VLLM_CONFIG_FILE",
+        description="A `vllm serve` YAML config file (vLLM's --config); variables set here win "
+        "over its keys.",
     )
     max_concurrency: int = Field(
         32, alias="MAX_CONCURRENCY", gt=0, description="Jobs one worker runs at once."
@@ -451,6 +531,19 @@ class Settings(BaseModel):
             raise ValueError("expected a non-negative decimal number of USD per token")
         return value.strip()
 
+    @field_validator("max_model_len", mode="before")
+    @classmethod
+    def _context_length(cls, value: Any) -> Any:
+        value = context_length(value) if isinstance(value, str) else value
+        return None if value == 0 else value
+
+    @field_validator("max_model_len")
+    @classmethod
+    def _auto_or_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < -1:
+            raise ValueError("expected a positive length, auto (-1) or 0 (the model's)")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -499,6 +592,23 @@ def lora_specs(value: str) -> list[str]:
     return specs
 
 
+_HUMAN_INT = re.compile(r"(\d+(?:\.\d+)?)([kKmMgG]?)")
+_MULTIPLIERS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def context_length(text: str) -> int | str:
+    """MAX_MODEL_LEN as vLLM's parser reads it: ``auto`` or ``-1`` (auto-fit), ``32k``
+    (decimal), ``32K`` (binary), a plain number; anything else is returned for pydantic to
+    refuse."""
+    text = text.strip()
+    if text.lower() == "auto" or text == "-1":
+        return -1
+    match = _HUMAN_INT.fullmatch(text)
+    if not match or ("." in match[1] and match[2].isupper()):
+        return text
+    return int(float(match[1]) * _MULTIPLIERS[match[2]])
+
+
 def csv_list(value: str) -> list[str]:
     """A comma-separated setting as a list of its non-empty, stripped items."""
     return [item.strip() for item in value.split(",") if item.strip()]
@@ -523,7 +633,9 @@ def env_names() -> dict[str, str]:
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
-    """Build settings from an environment mapping; raise SettingsError naming a bad variable."""
+    """Build settings from an environment mapping; raise SettingsError naming a bad variable.
+    RunPod's official worker's names are read as theirs (:func:`worker_vllm_environment`)."""
+    environ = worker_vllm_environment(environ)
     names = env_names()
     # an empty value is an unset one (RunPod's forms send "" for an input left blank)
     known = {alias: environ[alias] for alias in names if environ.get(alias, "").strip()}
@@ -546,6 +658,95 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         return Settings.model_validate({**known, "engine_passthrough": passthrough})
     except ValidationError as exc:
         raise SettingsError(_describe(exc, known)) from None
+
+
+def worker_vllm_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with RunPod's official worker's variables in this worker's terms: aliases
+    renamed (:data:`WORKER_VLLM_ALIASES`), its speculative variables assembled into
+    SPECULATIVE_CONFIG, a 0 that means unset (:data:`ZERO_MEANS_UNSET`) dropped. The mapping given
+    is not changed. An alias and its target that disagree, or SPECULATIVE_CONFIG beside the
+    variables it would be made of, raise SettingsError."""
+    env = dict(environ)
+    for alias, name in WORKER_VLLM_ALIASES.items():
+        value = env.pop(alias, "").strip()
+        if value and env.get(name, "").strip() not in ("", value):
+            raise SettingsError(f"{alias} and {name} are both set, to different values: set one")
+        if value:
+            env[name] = value
+    for name in ZERO_MEANS_UNSET:
+        if env.get(name, "").strip() == "0":
+            del env[name]
+    config = speculative_config(env)
+    for name, (_, kind) in SPECULATIVE_FIELDS.items():
+        if config is not None or (kind is int and env.get(name, "").strip() == "0"):
+            env.pop(name, None)
+    if config is not None:
+        if env.get("SPECULATIVE_CONFIG", "").strip():
+            raise SettingsError(
+                "SPECULATIVE_CONFIG and SPECULATIVE_METHOD / SPECULATIVE_MODEL / "
+                "NGRAM_PROMPT_LOOKUP_MAX are both set: set SPECULATIVE_CONFIG only"
+            )
+        env["SPECULATIVE_CONFIG"] = json.dumps(config)
+    return env
+
+
+def speculative_config(environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """vLLM's speculative config from worker-vllm v2's variables, as v2 assembled it: none unless
+    a method, a draft model or an n-gram window is given; the method, when not given, is n-gram
+    for a window without a model, else read from the model's name (eagle3, eagle, medusa) or
+    draft_model."""
+    values: dict[str, Any] = {}
+    for name, (key, kind) in SPECULATIVE_FIELDS.items():
+        raw = environ.get(name, "").strip()
+        if raw:
+            value = _typed(name, raw, kind)
+            if value != 0 or kind is not int:
+                values[key] = value
+    if not {"method", "model", "prompt_lookup_max"} & values.keys():
+        return None
+    if "method" not in values:
+        model = str(values.get("model", "")).lower()
+        kinds = [k for k in ("eagle3", "eagle", "medusa") if k in model]
+        values["method"] = "ngram" if not model else (kinds or ["draft_model"])[0]
+    return values
+
+
+def _typed(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        return raw.lower() in ("true", "1", "yes", "on")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r}: expected a whole number") from None
+    return raw
+
+
+def unknown_variables(names: Iterable[str], options: Iterable[str]) -> list[str]:
+    """The variables among ``names`` shaped like vLLM flags that name none of ``options``
+    (vLLM's ``--flag`` spellings), each with what to use instead where known. Shaped like a
+    flag: one of worker-vllm's retired variables, or a name that starts with a word vLLM's flags
+    start with (MAX_, ENABLE_, KV_, ...) or is one letter or two from a flag's, unless it belongs
+    to the system or a library (CUDA_, PYTHON..., HF_, VLLM_, ...)."""
+    known = {o[2:].upper().replace("-", "_") for o in options if o.startswith("--")}
+    first_words = {flag.split("_")[0] for flag in known}
+    out = []
+    for name in sorted(set(names) - known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
+        advice = WORKER_VLLM_RETIRED.get(name)
+        shaped = name.split("_")[0] in first_words or bool(close)
+        if advice is None and not (shaped and _not_environment(name)):
+            continue
+        if advice is None and close:
+            advice = f"did you mean {close[0]}?"
+        out.append(f"{name} ({advice})" if advice else name)
+    return out
+
+
+def _not_environment(name: str) -> bool:
+    if name in _ENVIRONMENT_NAMES or name in _NOT_ENGINE_FLAGS:
+        return False
+    return bool(_FLAG_NAME.match(name)) and not name.startswith(_ENVIRONMENT_PREFIXES)
 
 
 def _describe(exc: ValidationError, given: Mapping[str, str]) -> str:
