@@ -6,7 +6,6 @@ runs in a fresh directory of its own, as in its own container."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,13 +66,13 @@ def test_no_prompt_reaches_the_workers_disk(endpoint: LocalEndpoint) -> None:
         lambda: state.exists() and all(i.encode() in state.read_bytes() for i in ids),
         "runpod's in-flight job list",
     )
-    seen = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        seen += files_holding(workdir, marker.encode())
-        statuses = [endpoint.call("GET", f"/status/{i}")[1]["status"] for i in ids]
-        if set(statuses) == {"COMPLETED"}:
-            break
-        time.sleep(0.2)
-    assert statuses == ["COMPLETED"] * 3
+    seen: list[str] = []
+    statuses: list[str] = []
+
+    def all_completed() -> bool:
+        seen.extend(files_holding(workdir, marker.encode()))
+        statuses[:] = [endpoint.status(i)["status"] for i in ids]
+        return set(statuses) == {"COMPLETED"}
+
+    endpoint.wait_for(all_completed, "the jobs to complete", timeout=120, seen=lambda: statuses)
     assert seen == []

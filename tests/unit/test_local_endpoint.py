@@ -22,7 +22,7 @@ import pytest
 import runpod
 
 from tests.fakes import TEXT
-from tests.local_endpoint import LocalEndpoint, fake_endpoint, local_endpoint
+from tests.local_endpoint import ABORTED, LocalEndpoint, fake_endpoint, local_endpoint
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PAUSE_S = 0.25  # per streamed event: a fake stream lasts about 2.5 s, long enough to cancel
@@ -170,14 +170,12 @@ def test_cancel_stops_the_job_in_the_worker(endpoint: LocalEndpoint, rp: runpod.
     )
 
     assert jobs[0].cancel() == {"id": jobs[0].job_id, "status": "CANCELLED"}
+    # its worker says it aborted the engine request (the stream did not end by itself)
     endpoint.wait_for(
-        lambda: (
-            sum(endpoint.worker_metric("worker_engine_running_requests", i) for i in running) == 1
-        ),
+        lambda: endpoint.log_count(f"job {jobs[0].job_id} {ABORTED}") == 1,
         "the cancelled request to leave the engine",
-        timeout=5,
     )
-    assert jobs[1].output(timeout=30)[-1]["usage"]["completion_tokens"] == 7
+    assert jobs[1].output(timeout=120)[-1]["usage"]["completion_tokens"] == 7
     assert jobs[0].status() == "CANCELLED"
 
 
@@ -229,20 +227,20 @@ def test_a_worker_that_dies_fails_its_jobs_and_is_replaced(
     assert its_children  # runpod's ping process at least
     os.kill(victim["pid"], signal.SIGKILL)
 
-    assert job.output(timeout=30) is None
+    assert job.output(timeout=120) is None
     _, status = endpoint.call("GET", f"/status/{job.job_id}")
     assert status["status"] == "FAILED"
     assert json.loads(status["error"])["error"]["code"] == 503
 
     endpoint.wait_for(
-        lambda: all(w["ready"] for w in endpoint.workers()), "the worker to come back", 60
+        lambda: all(w["ready"] for w in endpoint.workers()), "the worker to come back", 120
     )
     assert not [p for p in its_children if p.is_running() and p.status() != "zombie"]
     replaced = next(w for w in endpoint.workers() if w["slot"] == victim["slot"])
     assert replaced["starts"] == 2 and replaced["pid"] != victim["pid"]
     assert replaced["id"] == f"{victim['slot']}-r2"
     assert (
-        rp.run_sync({"messages": QUESTION}, timeout=30)[0]["choices"][0]["message"]["content"]
+        rp.run_sync({"messages": QUESTION}, timeout=120)[0]["choices"][0]["message"]["content"]
         == TEXT
     )
 
