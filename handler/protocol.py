@@ -10,14 +10,18 @@ In: a RunPod job's ``input``, in one of four shapes:
 * the native shape, for ``/run`` and ``/runsync`` callers: ``{"messages": [...]}`` (chat),
   ``{"prompt": "..."}`` (completion) or ``{"input": ...}`` (embeddings), with optional
   ``sampling_params`` (any other field of the OpenAI request, by its OpenAI name), ``tools``,
-  ``tool_choice``, ``stream`` and ``model``;
-* the native generic form: ``{"route": "/v1/rerank", "body": {...}}``, any public route;
+  ``tool_choice``, ``stream`` and ``model``, and RunPod's official worker's keys
+  (``apply_chat_template``, ``use_openai_format``, the batch-size hints: :class:`NativeJob`);
+* the native generic form: ``{"route": "/v1/rerank", "body": {...}}``, any public route, with an
+  optional ``method`` that must be the route's;
 * a native batch: ``{"requests": [native job, ...]}``, run concurrently, answered in order.
 
 Out: an :class:`EngineCall` (path, method, request body, request id) and the :class:`Shape` the
-answer must take. The body itself is validated by vLLM's own app.
+answer must take. The body itself is validated by vLLM's own app, once vLLM's removed ``guided_*``
+fields have been translated (:mod:`handler.guided`).
 
-Errors: :class:`~handler.errors.InvalidRequest` (400) for a malformed envelope,
+Errors: :class:`~handler.errors.InvalidRequest` (400) for a malformed envelope (405 for a
+``method`` the route does not take),
 :class:`~handler.errors.NotFound` (404) for a route that is not public (administrative and
 development routes of vLLM's server are never reachable from a job).
 """

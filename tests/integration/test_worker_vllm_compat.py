@@ -248,3 +248,17 @@ async def test_guided_fields_constrain_native_jobs(
                 outputs = await run(engine, v2_settings, full)
                 text = "".join(assert_v2(o) for o in outputs)
                 assert accepts(text), (field, job, text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_v2_shape_with_n_choices(
+    engine: VllmEngine, v2_settings: Settings, stream: bool
+) -> None:
+    sampling = {"n": 2, "temperature": 1, "max_tokens": 8, "seed": 5}
+    job = {"prompt": "The capital of France is", "sampling_params": sampling, "stream": stream}
+    outputs = await run(engine, v2_settings, job)
+    assert all(len(o["choices"]) == 2 for o in outputs), outputs
+    texts = ["".join(t for o in outputs for t in o["choices"][i]["tokens"]) for i in (0, 1)]
+    assert all(texts), texts
+    assert 2 <= outputs[-1]["usage"]["output"] <= 16  # over both choices, as v2 counted
+    assert len(outputs) == 1 or stream

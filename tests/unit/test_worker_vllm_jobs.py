@@ -13,7 +13,8 @@ from handler.errors import InvalidRequest
 from handler.jobs import make_handler
 from handler.protocol import Shape, parse_job, to_engine_call
 from handler.settings import Settings
-from tests.fakes import TEXT, TOKENS, FakeEngine, chat_response
+from handler.v2_shape import V2Stream, v2_response
+from tests.fakes import TEXT, TOKENS, FakeEngine, chat_response, sse
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -201,3 +202,31 @@ async def test_a_v2_job_with_every_v2_key(engine: FakeEngine, settings: Settings
     [call] = engine.calls
     assert call.route == "/v1/chat/completions" and call.body is not None
     assert call.body["messages"] == [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+def test_v2_shape_keeps_each_choice_in_its_place() -> None:
+    response = {
+        "choices": [
+            {"index": 1, "text": "b"},
+            {"index": 0, "message": {"role": "assistant", "content": "a"}},
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+    }
+    assert v2_response(response) == {
+        "choices": [{"tokens": ["a"]}, {"tokens": ["b"]}],
+        "usage": {"input": 3, "output": 4},
+    }
+    stream = V2Stream(2)
+
+    def chunk(index: int, text: str, done: int) -> str:
+        usage = {"prompt_tokens": 3, "completion_tokens": done}
+        return sse({"id": "x", "choices": [{"index": index, "text": text}], "usage": usage})
+
+    assert stream.frame([chunk(1, "b", 1), chunk(0, "a", 2), chunk(1, "c", 3)]) == [
+        {"choices": [{"tokens": ["a"]}, {"tokens": ["b", "c"]}], "usage": {"input": 3, "output": 3}}
+    ]
+    assert stream.frame([chunk(0, "", 3)]) == []  # no text, nothing new: not sent
+    final = sse({"id": "x", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    assert stream.frame([final, "data: [DONE]\n\n"]) == [
+        {"choices": [{"tokens": []}, {"tokens": []}], "usage": {"input": 3, "output": 4}}
+    ]
