@@ -382,9 +382,12 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
         if not pool.seen(worker_id):
             raise NotFound(f"Unknown worker {worker_id!r}.")
 
-    def job_of(worker_id: str, job_id: str) -> Job:
+    def job_of(worker_id: str, job_id: str) -> Job | None:
+        """The job a worker posts for; None when its run is no longer that worker's (the job
+        was retried since, and this is an old run's late output, which is dropped)."""
         worker(worker_id)
-        return find(job_id)
+        job = find(job_id)
+        return job if job.worker_id == worker_id else None
 
     async def take(request: Request, worker_id: str, count: int) -> list[Job]:
         """Hold the poll until there is work; a worker that hangs up (or died) takes nothing:
@@ -434,6 +437,8 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
     @hooks.post("/job-stream/{worker_id}/{job_id}")
     async def job_stream(worker_id: str, job_id: str, request: Request) -> dict[str, Any]:
         job = job_of(worker_id, job_id)
+        if job is None:
+            return {"ok": True}
         payload = await worker_output(request, job)
         half_delay = options.stream_post_delay_ms / 2000
         if half_delay:
@@ -446,6 +451,8 @@ def create_app(options: Options, store: JobStore, pool: WorkerPool, metrics: Met
     @hooks.post("/job-done/{worker_id}/{job_id}")
     async def job_done(worker_id: str, job_id: str, request: Request) -> dict[str, Any]:
         job = job_of(worker_id, job_id)
+        if job is None:
+            return {"ok": True}
         payload = await worker_output(request, job)
         if job.final:
             return {"ok": True}

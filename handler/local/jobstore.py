@@ -179,6 +179,9 @@ class JobStore:
         job.status, job.worker_id, job.started, job.finished = Status.IN_QUEUE, None, None, None
         job.first_output, job.output, job.error = None, None, None
         job.stream, job.stream_read, job.stream_posts = [], 0, 0
+        for stops in self._stops.values():  # a stop meant for the old run, not yet collected
+            while job.id in stops:
+                stops.remove(job.id)
         job.retries += 1
         self.retried += 1
         self._pending.append(job.id)

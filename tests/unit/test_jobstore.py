@@ -256,8 +256,13 @@ async def test_retry_runs_a_failed_or_timed_out_job_again_without_its_old_output
     assert await store.stop_signals("w1", hold_s=1) == [job.id]  # stopped in its worker
     store.retry(job)
     assert await store.take("w1", 1, hold_s=1) == [job]
+    clock.now += 5
+    store.sweep()
+    store.retry(job)  # before w1 collected the stop: the new run is not stopped by it
+    assert await store.take("w1", 1, hold_s=1) == [job]
+    assert await store.stop_signals("w1", hold_s=0.01) == []
     store.complete(job, {"output": ["ok"]})
-    assert (job.status, job.output, job.retries, store.retried) == (Status.COMPLETED, ["ok"], 2, 2)
+    assert (job.status, job.output, job.retries, store.retried) == (Status.COMPLETED, ["ok"], 3, 3)
     for status in (Status.COMPLETED, Status.CANCELLED, Status.IN_QUEUE, Status.IN_PROGRESS):
         job.status = status
         with pytest.raises(NotRetryable, match=f"is {status.value}; only FAILED or TIMED_OUT"):
