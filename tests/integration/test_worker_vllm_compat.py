@@ -262,3 +262,15 @@ async def test_the_v2_shape_with_n_choices(
     assert all(texts), texts
     assert 2 <= outputs[-1]["usage"]["output"] <= 16  # over both choices, as v2 counted
     assert len(outputs) == 1 or stream
+
+
+async def test_v2s_guided_decoding_object_constrains_native_jobs(
+    engine: VllmEngine, v2_settings: Settings
+) -> None:
+    """worker-vllm v2 handed sampling_params to vLLM's SamplingParams, which took this object."""
+    sampling = {"temperature": 1, "max_tokens": 10, "guided_decoding": {"choice": ["yes", "no"]}}
+    for _ in range(SAMPLES):
+        outputs = await run(
+            engine, v2_settings, {"prompt": "Answer: ", "sampling_params": sampling}
+        )
+        assert assert_v2(outputs[0]) in {"yes", "no"}

@@ -32,6 +32,17 @@ CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
         {"guided_json": SCHEMA, "structured_outputs": {"disable_any_whitespace": True}},
         {"json": SCHEMA, "disable_any_whitespace": True},
     ),
+    # worker-vllm v2 passed sampling_params to vLLM's SamplingParams, whose guided_decoding
+    # object took structured_outputs' keys and a backend
+    ({"guided_decoding": {"choice": ["a", "b"], "backend": "auto"}}, {"choice": ["a", "b"]}),
+    (
+        {"guided_decoding": {"json": SCHEMA, "disable_fallback": False, "regex": None}},
+        {"json": SCHEMA},
+    ),
+    (
+        {"guided_decoding": {"json_object": True}, "guided_whitespace_pattern": " "},
+        {"json_object": True, "whitespace_pattern": " "},
+    ),
 ]
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses"]
 
@@ -77,6 +88,31 @@ def test_null_fields_are_unset() -> None:
             {"guided_regex": "a", "structured_outputs": "b"},
             "x.structured_outputs",
             "object",
+        ),
+        (
+            "/v1/completions",
+            {"guided_decoding": {"regex": "a", "backend": "outlines"}},
+            "x.guided_decoding.backend",
+            "STRUCTURED_OUTPUTS_CONFIG",
+        ),
+        (
+            "/v1/completions",
+            {"guided_decoding": {"regex": "a", "disable_fallback": True}},
+            "x.guided_decoding.disable_fallback",
+            "no equivalent",
+        ),
+        ("/v1/completions", {"guided_decoding": ["a"]}, "x.guided_decoding", "object"),
+        (
+            "/v1/completions",
+            {"guided_decoding": {"regex": "a"}, "structured_outputs": {"regex": "b"}},
+            "x.guided_decoding.regex",
+            "guided_decoding.regex and structured_outputs.regex disagree",
+        ),
+        (
+            "/v1/embeddings",
+            {"guided_decoding": {"regex": "a"}},
+            "x.guided_decoding",
+            "/v1/embeddings",
         ),
     ],
 )
