@@ -2,13 +2,16 @@
 
 In: vLLM's listing (``{"object": "list", "data": [model card, ...]}``, LoRA adapters included with
 their ``parent``), the settings, and the engine's :class:`~handler.protocol.ModelInfo`.
-Out: the same listing, every card keeping OpenAI's fields (``id``, ``object``, ``created``,
-``owned_by``) and vLLM's, with ``name``, ``context_length``, ``max_output_length``,
-``quantization``, ``input_modalities``, ``output_modalities``, ``pricing`` (USD per token, as
-strings), ``supported_sampling_parameters``, ``supported_features`` and ``hugging_face_id`` added.
-Each comes from its setting when set, else from the engine. vLLM's ``root`` (where the weights
-were loaded from) is a local path on a worker: it becomes the Hugging Face id, or the card's own
-id, so no answer shows the worker's files. Pure; raises nothing.
+Out: the same listing, every card keeping OpenAI's fields (``id``, ``object``, ``owned_by``) and
+vLLM's, with ``created`` made stable (vLLM stamps each answer with its own time), and ``name``,
+``context_length``, ``max_output_length``, ``quantization`` (left out when unknown),
+``input_modalities``, ``output_modalities``, ``pricing`` (USD per token, as strings),
+``supported_sampling_parameters``, ``supported_features`` and ``hugging_face_id`` added, each
+holding only values OpenRouter's provider docs list (:mod:`handler.openrouter`). Each comes from
+its setting when set, else from the engine. An adapter's card says it is one (``description``)
+and carries no Hugging Face id of its own. vLLM's ``root`` (where the weights were loaded from) is
+a local path on a worker: it becomes the Hugging Face id, or the card's own id, so no answer shows
+the worker's files. Pure; raises nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 from handler.protocol import ModelInfo
 from handler.settings import Settings, csv_list
 
-# OpenRouter's sampling parameters that vLLM's OpenAI layer takes (top_a is not one of them).
+# OpenRouter's sampling parameters that vLLM's OpenAI layer takes (top_a is not one of them;
+# logprobs is a feature there, not a sampling parameter).
 SAMPLING_PARAMETERS = (
     "temperature",
     "top_p",
@@ -31,18 +35,45 @@ SAMPLING_PARAMETERS = (
     "seed",
     "max_tokens",
     "logit_bias",
-    "logprobs",
-    "top_logprobs",
 )
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}
-_METHODS = {"fp8": "fp8", "awq": "int4", "gptq": "int4", "bitsandbytes": "int4", "mxfp4": "fp4"}
+# vLLM's quantization methods (its --quantization names, and the kernels it picks for them on a
+# GPU) by the number format of their weights. Methods whose format depends on the checkpoint
+# (compressed-tensors, gguf, bitsandbytes, modelopt, ...) are not here: their cards leave
+# quantization out unless MODEL_QUANTIZATION says.
+_METHODS = {
+    "fp8": "fp8",
+    "fbgemm_fp8": "fp8",
+    "ptpc_fp8": "fp8",
+    "fp8_marlin": "fp8",
+    "awq": "int4",
+    "awq_marlin": "int4",
+    "gptq": "int4",
+    "gptq_marlin": "int4",
+    "gptq_marlin_24": "int4",
+    "marlin": "int4",
+    "experts_int8": "int8",
+    "mxfp4": "mxfp4",
+    "modelopt_fp4": "nvfp4",
+    "nvfp4": "nvfp4",
+}
 
 
-def quantization_label(info: ModelInfo) -> str:
-    """OpenRouter's quantization name for the engine's quantization method or weight dtype."""
+def quantization_label(info: ModelInfo) -> str | None:
+    """OpenRouter's quantization for the engine's quantization method or weight dtype; None
+    when neither tells it."""
     if info.quantization:
-        return _METHODS.get(info.quantization.lower(), "unknown")
-    return _DTYPES.get(info.dtype, "unknown")
+        return _METHODS.get(info.quantization.lower())
+    return _DTYPES.get(info.dtype)
+
+
+def output_modalities(info: ModelInfo) -> list[str]:
+    """What the model gives back, in OpenRouter's words."""
+    if info.generates:
+        return ["text"]
+    if info.embeds:
+        return ["embeddings"]
+    return ["rerank"] if info.scores else ["text"]
 
 
 def features(info: ModelInfo) -> list[str]:
@@ -62,22 +93,38 @@ def default_hub_id(model: str) -> str:
 
 
 def card_fields(settings: Settings, info: ModelInfo) -> dict[str, Any]:
-    """The OpenRouter fields, the same for the base model and its adapters."""
+    """The OpenRouter fields of the base model's card."""
+    pricing = {"prompt": settings.pricing_prompt, "completion": settings.pricing_completion}
+    if settings.pricing_input_cache_read is not None:
+        pricing["input_cache_read"] = settings.pricing_input_cache_read
+    quantization = settings.model_quantization or quantization_label(info)
     return {
+        "created": info.loaded_at if settings.model_created is None else settings.model_created,
         "name": settings.model_display_name or settings.model_id.rstrip("/").split("/")[-1],
         "context_length": info.context_length,
         "max_output_length": settings.max_output_length or info.context_length,
-        "quantization": settings.model_quantization or quantization_label(info),
+        **({"quantization": quantization} if quantization else {}),
         "input_modalities": _listed(
             settings.input_modalities, ["text", "image"] if info.multimodal else ["text"]
         ),
-        "output_modalities": csv_list(settings.output_modalities),
-        "pricing": {"prompt": settings.pricing_prompt, "completion": settings.pricing_completion},
+        "output_modalities": _listed(settings.output_modalities, output_modalities(info)),
+        "pricing": pricing,
         "supported_sampling_parameters": _listed(
             settings.supported_sampling_parameters, list(SAMPLING_PARAMETERS)
         ),
         "supported_features": _listed(settings.supported_features, features(info)),
         "hugging_face_id": settings.hugging_face_id or default_hub_id(settings.model),
+    }
+
+
+def adapter_fields(card: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """An adapter's card: the base model's fields, under its own name, said to be an adapter
+    of the base, with no Hugging Face id (the base's is not the adapter's)."""
+    return {
+        **base,
+        "name": str(card.get("id")),
+        "description": f"LoRA adapter {card.get('id')} on {card.get('parent')}.",
+        "hugging_face_id": "",
     }
 
 
@@ -87,12 +134,12 @@ def _listed(setting: str | None, default: list[str]) -> list[str]:
 
 def describe_models(listing: dict[str, Any], settings: Settings, info: ModelInfo) -> dict[str, Any]:
     """The listing with the OpenRouter fields added to every card (vLLM's cards have none of
-    them, so nothing of vLLM's is replaced)."""
-    extra = card_fields(settings, info)
-    cards = [
-        {**card, **extra, **_public_root(card, extra["hugging_face_id"])}
-        for card in listing.get("data") or []
-    ]
+    them but ``created``, which vLLM stamps with the time of each answer)."""
+    base = card_fields(settings, info)
+    cards = []
+    for card in listing.get("data") or []:
+        extra = adapter_fields(card, base) if card.get("parent") else base
+        cards.append({**card, **extra, **_public_root(card, base["hugging_face_id"])})
     return {**listing, "data": cards}
 
 

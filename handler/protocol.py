@@ -187,6 +187,8 @@ class ModelInfo:
     reasoning: bool = False  # a reasoning parser is set
     generates: bool = True  # chat and completions work
     embeds: bool = False  # /v1/embeddings works
+    scores: bool = False  # /score and /rerank work (a cross-encoder)
+    loaded_at: int = 0  # when the engine loaded the model (Unix seconds): the cards' `created`
     on_cpu: bool = False  # the model runs on CPU (vLLM's CPU build), not an accelerator
 
 

@@ -23,7 +23,17 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from handler import openrouter
 
 # Switches that keep every run on loopback: vLLM and LMCache usage telemetry, Hugging Face look-ups
 # for a local model. Applied with setdefault, so a deployment can still override them.
@@ -141,6 +151,16 @@ VLLM_FLAG: dict[str, Any] = {"vllm_flag": True}
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the environment variable."""
+
+
+# The listing settings and the OpenRouter values each may hold (checked at start).
+OPENROUTER_VALUES: dict[str, tuple[str, ...]] = {
+    "model_quantization": openrouter.QUANTIZATIONS,
+    "input_modalities": openrouter.INPUT_MODALITIES,
+    "output_modalities": openrouter.OUTPUT_MODALITIES,
+    "supported_sampling_parameters": openrouter.SAMPLING_PARAMETERS,
+    "supported_features": openrouter.FEATURES,
+}
 
 
 class Settings(BaseModel):
@@ -323,8 +343,9 @@ class Settings(BaseModel):
     model_quantization: str | None = Field(
         None,
         alias="MODEL_QUANTIZATION",
-        description="`quantization` in /v1/models (int4, int8, fp4, fp6, fp8, fp16, bf16, fp32); "
-        "default: the engine's quantization method or weight dtype.",
+        description="`quantization` in /v1/models, one of OpenRouter's (int4, int8, fp4, mxfp4, "
+        "nvfp4, fp6, fp8, mxfp8, fp16, bf16, fp32); default: from the engine's quantization "
+        "method or weight dtype, left out when neither says.",
     )
     input_modalities: str | None = Field(
         None,
@@ -332,10 +353,11 @@ class Settings(BaseModel):
         description="`input_modalities` in /v1/models, comma-separated; default: text (and "
         "image for a multimodal model).",
     )
-    output_modalities: str = Field(
-        "text",
+    output_modalities: str | None = Field(
+        None,
         alias="OUTPUT_MODALITIES",
-        description="`output_modalities` in /v1/models, comma-separated.",
+        description="`output_modalities` in /v1/models, comma-separated; default: text for a "
+        "generating model, embeddings for an embedding model, rerank for a scoring model.",
     )
     pricing_prompt: str = Field(
         "0",
@@ -346,6 +368,19 @@ class Settings(BaseModel):
         "0",
         alias="PRICING_COMPLETION",
         description="`pricing.completion` in /v1/models: USD per generated token.",
+    )
+    pricing_input_cache_read: str | None = Field(
+        None,
+        alias="PRICING_INPUT_CACHE_READ",
+        description="`pricing.input_cache_read` in /v1/models: USD per prompt token served from "
+        "the KV cache (vLLM's prefix cache or LMCache); default: not listed.",
+    )
+    model_created: int | None = Field(
+        None,
+        alias="MODEL_CREATED",
+        ge=0,
+        description="`created` in /v1/models (Unix seconds); default: when the worker started. "
+        "Set it for a listing that every worker answers the same.",
     )
     supported_sampling_parameters: str | None = Field(
         None,
@@ -520,9 +555,35 @@ class Settings(BaseModel):
             lora_specs(value)
         return value
 
-    @field_validator("pricing_prompt", "pricing_completion")
+    @field_validator(
+        "model_quantization",
+        "input_modalities",
+        "output_modalities",
+        "supported_sampling_parameters",
+        "supported_features",
+    )
     @classmethod
-    def _price(cls, value: str) -> str:
+    def _openrouter_values(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        allowed = OPENROUTER_VALUES[info.field_name or ""]
+        items = csv_list(value)
+        wrong = openrouter.invalid(items, allowed)
+        if wrong or not items:
+            raise ValueError(
+                f"{', '.join(wrong) or 'nothing'}: not OpenRouter's; expected "
+                f"{'one' if info.field_name == 'model_quantization' else 'some'} of "
+                f"{', '.join(allowed)}"
+            )
+        if info.field_name == "model_quantization" and len(items) > 1:
+            raise ValueError("expected one quantization")
+        return value
+
+    @field_validator("pricing_prompt", "pricing_completion", "pricing_input_cache_read")
+    @classmethod
+    def _price(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         try:
             price = Decimal(value.strip())
         except InvalidOperation:

@@ -17,6 +17,7 @@ import pytest
 import runpod
 
 from tests.local_endpoint import LocalEndpoint, local_endpoint
+from tests.openrouter_schema import valid_for_openrouter
 
 pytestmark = pytest.mark.integration
 
@@ -103,12 +104,15 @@ def test_native_job_and_listing(rp: runpod.Endpoint, client: openai.OpenAI) -> N
     assert [len(d["embedding"]) for d in answer["data"]] == [384, 384]
     for native, sdk in zip(answer["data"], floats.data, strict=True):
         assert np.allclose(native["embedding"], sdk.embedding, atol=1e-6)
-    [card] = client.models.list().data
+    listing = client.models.list()
+    valid_for_openrouter(listing.model_dump())
+    [card] = listing.data
     assert card.id == MODEL and card.model_extra is not None
-    assert (card.model_extra["context_length"], card.model_extra["supported_features"]) == (
-        256,
-        [],
-    )
+    assert (
+        card.model_extra["context_length"],
+        card.model_extra["supported_features"],
+        card.model_extra["output_modalities"],
+    ) == (256, [], ["embeddings"])
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert caught.value.body["message"] == (  # type: ignore[index]

@@ -32,6 +32,7 @@ from tests.integration.samples import (
     WEATHER,
 )
 from tests.local_endpoint import LocalEndpoint
+from tests.openrouter_schema import valid_for_openrouter
 
 pytestmark = pytest.mark.integration
 
@@ -69,8 +70,17 @@ def joined_tool_calls(chunks: list[Any]) -> list[tuple[str, str]]:
 def test_models_list_the_base_model_and_the_adapter_with_openrouter_fields(
     client: openai.OpenAI,
 ) -> None:
-    base, lora = client.models.list().data
+    listing = client.models.list()
+    base, lora = listing.data
+    valid_for_openrouter(listing.model_dump())
     assert (base.id, base.object, base.owned_by) == (MODEL_ID, "model", "vllm")
+    # the same `created` in every answer and on every card (vLLM stamps each answer anew)
+    assert base.created == lora.created == client.models.list().data[0].created
+    assert lora.model_extra and (lora.model_extra["name"], lora.model_extra["description"]) == (
+        LORA,
+        f"LoRA adapter {LORA} on {MODEL_ID}.",
+    )
+    assert lora.model_extra["hugging_face_id"] == ""
     assert (lora.id, lora.model_extra and lora.model_extra["parent"]) == (LORA, MODEL_ID)
     assert base.model_extra is not None
     # vLLM's root is the folder the weights came from: a worker's path is never shown

@@ -24,6 +24,7 @@ from handler.protocol import PUBLIC_ROUTES, REFUSED_ROUTES
 from tests.integration.conftest import MODEL_ID, ROOT
 from tests.integration.test_embeddings import model_dir as minilm_dir
 from tests.local_endpoint import KEY, LocalEndpoint, local_endpoint
+from tests.openrouter_schema import valid_for_openrouter
 
 pytestmark = pytest.mark.integration
 
@@ -321,6 +322,17 @@ def test_rerank_through_both_shapes(scoring: LocalEndpoint) -> None:
         scores = [r["relevance_score"] for r in results]
         assert scores == sorted(scores, reverse=True)
         assert native(scoring, route, body)["results"] == results
+
+
+def test_a_cross_encoder_is_listed_as_a_reranker(scoring: LocalEndpoint) -> None:
+    code, listing = scoring.call("GET", "/openai/v1/models")
+    assert code == 200, listing
+    [card] = valid_for_openrouter(listing)["data"]
+    assert (card["id"], card["output_modalities"], card["supported_features"]) == (
+        SCORER,
+        ["rerank"],
+        [],
+    )
 
 
 def test_score_through_both_shapes(scoring: LocalEndpoint) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from handler.engine import VllmEngine
 from handler.settings import Settings
-from tests.integration.conftest import MODEL_ID
+from tests.integration.conftest import LORA, MODEL_ID
 from tests.integration.samples import CITY_SCHEMA, QUESTION
 from tests.integration.test_engine import run
 from tests.local_endpoint import LocalEndpoint
@@ -274,3 +274,23 @@ async def test_v2s_guided_decoding_object_constrains_native_jobs(
             engine, v2_settings, {"prompt": "Answer: ", "sampling_params": sampling}
         )
         assert assert_v2(outputs[0]) in {"yes", "no"}
+
+
+async def test_model_in_sampling_params_selects_the_lora_adapter(
+    engine: VllmEngine, settings: Settings
+) -> None:
+    sampling = {"model": LORA, "temperature": 0, "max_tokens": 5}
+    [out] = await run(
+        engine, settings, {"prompt": "The capital of France is", "sampling_params": sampling}
+    )
+    assert out["model"] == LORA, out
+    [base] = await run(engine, settings, {"prompt": "x", "sampling_params": {"max_tokens": 1}})
+    assert base["model"] == MODEL_ID
+
+
+def test_a_method_the_route_does_not_take_fails_the_job_with_a_405(endpoint: LocalEndpoint) -> None:
+    job = {"input": {**README_GENERIC_JOB["input"], "method": "GET"}}
+    status, body = endpoint.call("POST", "/runsync", job, timeout=120)
+    assert status == 200 and body["status"] == "FAILED", body
+    error = json.loads(body["error"])["error"]
+    assert (error["code"], error["param"]) == (405, "input.method")

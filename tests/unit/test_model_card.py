@@ -8,9 +8,12 @@ import pytest
 
 from handler.model_card import SAMPLING_PARAMETERS, default_hub_id, describe_models
 from handler.protocol import ModelInfo
-from handler.settings import load_settings
+from handler.settings import SettingsError, load_settings
+from tests.openrouter_schema import valid_for_openrouter
 
-INFO = ModelInfo(context_length=8192, dtype="bfloat16")
+INFO = ModelInfo(context_length=8192, dtype="bfloat16", loaded_at=1_764_000_000)
+
+
 LISTING: dict[str, Any] = {
     "object": "list",
     "data": [
@@ -24,8 +27,9 @@ def test_defaults_come_from_the_engine() -> None:
     settings = load_settings(
         {"MODEL_NAME": "Qwen/Qwen3-8B", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "qwen"}
     )
-    listing = describe_models(LISTING, settings, INFO)
+    listing = valid_for_openrouter(describe_models(LISTING, settings, INFO))
     extra = {
+        "created": 1_764_000_000,  # when the engine loaded the model, not vLLM's answer time
         "name": "qwen",
         "context_length": 8192,
         "max_output_length": 8192,
@@ -37,9 +41,15 @@ def test_defaults_come_from_the_engine() -> None:
         "supported_features": ["json_mode", "structured_outputs", "logprobs"],
         "hugging_face_id": "Qwen/Qwen3-8B",
     }
+    adapter = {
+        **extra,
+        "name": "sql",
+        "description": "LoRA adapter sql on qwen.",
+        "hugging_face_id": "",
+    }
     assert listing == {
         "object": "list",
-        "data": [{**card, **extra} for card in LISTING["data"]],
+        "data": [{**LISTING["data"][0], **extra}, {**LISTING["data"][1], **adapter}],
     }
     assert LISTING["data"][0] == {  # the caller's listing is left alone
         "id": "qwen",
@@ -62,19 +72,28 @@ def test_settings_win() -> None:
             "OUTPUT_MODALITIES": "text",
             "PRICING_PROMPT": "0.00000015",
             "PRICING_COMPLETION": "0.0000006",
+            "PRICING_INPUT_CACHE_READ": "0.00000003",
+            "MODEL_CREATED": "1700000000",
             "SUPPORTED_SAMPLING_PARAMETERS": "temperature,top_p,stop",
             "SUPPORTED_FEATURES": "tools,json_mode",
         }
     )
-    card = describe_models(LISTING, settings, INFO)["data"][0]
-    assert {k: card[k] for k in list(card)[5:]} == {
+    card = valid_for_openrouter(describe_models(LISTING, settings, INFO))["data"][0]
+    assert {k: card[k] for k in list(card)[2:]} == {
+        "created": 1_700_000_000,
+        "owned_by": "vllm",
+        "parent": None,
         "name": "Qwen3 8B (fast)",
         "context_length": 8192,
         "max_output_length": 4096,
         "quantization": "fp8",
         "input_modalities": ["text", "image"],
         "output_modalities": ["text"],
-        "pricing": {"prompt": "0.00000015", "completion": "0.0000006"},
+        "pricing": {
+            "prompt": "0.00000015",
+            "completion": "0.0000006",
+            "input_cache_read": "0.00000003",
+        },
         "supported_sampling_parameters": ["temperature", "top_p", "stop"],
         "supported_features": ["tools", "json_mode"],
         "hugging_face_id": "Qwen/Qwen3-8B",
@@ -82,33 +101,100 @@ def test_settings_win() -> None:
 
 
 @pytest.mark.parametrize(
-    ("info", "quantization", "features", "inputs"),
+    ("info", "quantization", "features", "modalities"),
     [
         (
             ModelInfo(8192, "float16", quantization="awq", tools=True, reasoning=True),
             "int4",
             ["tools", "json_mode", "structured_outputs", "logprobs", "reasoning"],
-            ["text"],
+            (["text"], ["text"]),
         ),
         (
             ModelInfo(8192, "bfloat16", quantization="fp8", multimodal=True),
             "fp8",
             None,
-            ["text", "image"],
+            (["text", "image"], ["text"]),
         ),
-        (ModelInfo(512, "float32", generates=False, embeds=True), "fp32", [], ["text"]),
-        (ModelInfo(512, "float32", quantization="exotic"), "unknown", None, ["text"]),
+        # what vLLM reports on a GPU for AWQ/GPTQ checkpoints, MXFP4 and NVFP4 ones
+        (ModelInfo(8192, "float16", quantization="awq_marlin"), "int4", None, (["text"], ["text"])),
+        (
+            ModelInfo(8192, "bfloat16", quantization="gptq_marlin"),
+            "int4",
+            None,
+            (["text"], ["text"]),
+        ),
+        (ModelInfo(8192, "bfloat16", quantization="mxfp4"), "mxfp4", None, (["text"], ["text"])),
+        (
+            ModelInfo(8192, "bfloat16", quantization="modelopt_fp4"),
+            "nvfp4",
+            None,
+            (["text"], ["text"]),
+        ),
+        # a format that depends on the checkpoint: left out, not a made-up value
+        (
+            ModelInfo(8192, "bfloat16", quantization="compressed-tensors"),
+            None,
+            None,
+            (["text"], ["text"]),
+        ),
+        (ModelInfo(512, "float32", quantization="exotic"), None, None, (["text"], ["text"])),
+        (
+            ModelInfo(512, "float32", generates=False, embeds=True),
+            "fp32",
+            [],
+            (["text"], ["embeddings"]),
+        ),
+        (
+            ModelInfo(512, "float32", generates=False, scores=True),
+            "fp32",
+            [],
+            (["text"], ["rerank"]),
+        ),
     ],
 )
 def test_engine_facts(
-    info: ModelInfo, quantization: str, features: list[str] | None, inputs: list[str]
+    info: ModelInfo,
+    quantization: str | None,
+    features: list[str] | None,
+    modalities: tuple[list[str], list[str]],
 ) -> None:
-    card = describe_models(LISTING, load_settings({}), info)["data"][0]
-    assert card["quantization"] == quantization
+    card = valid_for_openrouter(describe_models(LISTING, load_settings({}), info))["data"][0]
+    assert card.get("quantization") == quantization
+    assert ("quantization" in card) == (quantization is not None)
     assert card["supported_features"] == (
         features if features is not None else ["json_mode", "structured_outputs", "logprobs"]
     )
-    assert card["input_modalities"] == inputs
+    assert (card["input_modalities"], card["output_modalities"]) == modalities
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MODEL_QUANTIZATION", "unknown", "unknown: not OpenRouter's; expected one of int4, "),
+        ("MODEL_QUANTIZATION", "fp8,int4", "expected one quantization"),
+        ("OUTPUT_MODALITIES", "text,embedding", "embedding: not OpenRouter's; expected some of"),
+        ("INPUT_MODALITIES", "pdf", "pdf: not OpenRouter's"),
+        (
+            "SUPPORTED_SAMPLING_PARAMETERS",
+            "temperature,logprobs,top_logprobs",
+            "logprobs, top_logprobs: not OpenRouter's",
+        ),
+        ("SUPPORTED_FEATURES", "tools,vision", "vision: not OpenRouter's"),
+        ("SUPPORTED_FEATURES", " , ", "nothing: not OpenRouter's"),
+        ("PRICING_INPUT_CACHE_READ", "-1", "non-negative"),
+    ],
+)
+def test_listing_settings_hold_only_openrouters_values(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({name: value})
+    assert name in str(caught.value) and message in str(caught.value)
+
+
+def test_created_is_the_same_in_every_answer() -> None:
+    settings = load_settings({})
+    first = describe_models({"data": [{"id": "m", "created": 5}]}, settings, INFO)
+    later = describe_models({"data": [{"id": "m", "created": 9}]}, settings, INFO)
+    assert first["data"][0]["created"] == later["data"][0]["created"] == 1_764_000_000
 
 
 @pytest.mark.parametrize(
