@@ -775,7 +775,7 @@ def _model_info(config: Any, args: argparse.Namespace, tasks: Any) -> ModelInfo:
         reasoning=bool(args.structured_outputs_config.reasoning_parser),
         generates="generate" in tasks,
         embeds="embed" in tasks,
-        scores="score" in tasks,
+        scores="classify" in tasks,  # vLLM 0.32 scores and reranks with a classifier
         loaded_at=int(time.time()),
         on_cpu=_on_cpu(),
     )

@@ -187,7 +187,7 @@ class ModelInfo:
     reasoning: bool = False  # a reasoning parser is set
     generates: bool = True  # chat and completions work
     embeds: bool = False  # /v1/embeddings works
-    scores: bool = False  # /score and /rerank work (a cross-encoder)
+    scores: bool = False  # /score, /rerank and /classify work (a cross-encoder)
     loaded_at: int = 0  # when the engine loaded the model (Unix seconds): the cards' `created`
     on_cpu: bool = False  # the model runs on CPU (vLLM's CPU build), not an accelerator
 
@@ -452,9 +452,20 @@ def _native_call(job: NativeJob, settings: Settings, request_id: str, shape: Sha
     if job.chat:
         tools = {"tools": job.tools, "tool_choice": job.tool_choice}
         body.update({k: v for k, v in tools.items() if v is not None}, messages=_messages(job))
+        body.update(_chat_logprobs(body))
     else:
         body["prompt"] = job.prompt
     return EngineCall(route=route, body=body, request_id=request_id)
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``logprobs`` as a number, as vLLM's SamplingParams took it (RunPod's official worker v2
+    passed ``sampling_params`` there): that many top alternatives per token, which chat calls
+    ``logprobs: true, top_logprobs: N``."""
+    logprobs = body.get("logprobs")
+    if type(logprobs) is not int:  # a bool is chat's own meaning
+        return {}
+    return {"logprobs": True, "top_logprobs": body.get("top_logprobs", logprobs)}
 
 
 def _model(job: NativeJob, settings: Settings) -> Any:
