@@ -294,3 +294,10 @@ def test_a_method_the_route_does_not_take_fails_the_job_with_a_405(endpoint: Loc
     assert status == 200 and body["status"] == "FAILED", body
     error = json.loads(body["error"])["error"]
     assert (error["code"], error["param"]) == (405, "input.method")
+
+
+async def test_v2_logprobs_count_on_a_chat_job(engine: VllmEngine, settings: Settings) -> None:
+    sampling = {"logprobs": 2, "temperature": 0, "max_tokens": 3}
+    [out] = await run(engine, settings, {"messages": QUESTION, "sampling_params": sampling})
+    content = out["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(t["top_logprobs"]) == 2 for t in content), content

@@ -230,3 +230,22 @@ def test_v2_shape_keeps_each_choice_in_its_place() -> None:
     assert stream.frame([final, "data: [DONE]\n\n"]) == [
         {"choices": [{"tokens": []}, {"tokens": []}], "usage": {"input": 3, "output": 4}}
     ]
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ({"logprobs": 3}, {"logprobs": True, "top_logprobs": 3}),
+        ({"logprobs": 0}, {"logprobs": True, "top_logprobs": 0}),
+        ({"logprobs": 2, "top_logprobs": 5}, {"logprobs": True, "top_logprobs": 5}),
+        ({"logprobs": True, "top_logprobs": 1}, {"logprobs": True, "top_logprobs": 1}),
+        ({"logprobs": False}, {"logprobs": False}),
+    ],
+)
+def test_v2_logprobs_count_on_chat_becomes_top_logprobs(
+    settings: Settings, given: dict[str, Any], sent: dict[str, Any]
+) -> None:
+    body, _, _ = call_of(settings, {"messages": HI, "sampling_params": given})
+    assert {k: body[k] for k in ("logprobs", "top_logprobs") if k in body} == sent
+    completion, _, _ = call_of(settings, {"prompt": "x", "sampling_params": given})
+    assert completion["logprobs"] == given["logprobs"]  # completions take the count as it is
