@@ -133,7 +133,14 @@ async def test_engine_death_fails_jobs_and_reports(settings: Settings) -> None:
     died = threading.Event()
     engine = VllmEngine.start(settings, on_dead=died.set)
     try:
-        mine = [p for p in me.children(recursive=True) if p.pid not in before]
+        # the engine's processes; not Python's resource tracker, which the first process started
+        # with multiprocessing starts for the test process's lifetime (it was already running
+        # when an earlier test had started an engine in this process)
+        mine = [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
+        ]
         [core] = [p for p in mine if "EngineCore" in p.name() + " ".join(p.cmdline())]
         core.kill()
         assert died.wait(120), "the engine's health watch did not notice"
