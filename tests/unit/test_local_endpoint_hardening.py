@@ -297,38 +297,54 @@ def test_a_killed_worker_groups_shared_memory_is_removed(endpoint: LocalEndpoint
 
 
 def test_a_job_failed_by_engine_death_stays_failed_until_retried(tmp_path: Path) -> None:
-    """As on RunPod: no automatic retry. The client's /runsync sees the 503; /status says FAILED
-    after the replacement worker is ready; /retry runs it again there, and it completes."""
+    """As on RunPod: no automatic retry. A /runsync client gets the 503; a /run job's /status
+    says FAILED after the replacement worker is ready; /retry runs it again there, and it
+    completes. (Each doomed job kills the engine of the worker it names, so its retry on the
+    replacement completes.)"""
+
+    def replaced(start: int) -> None:
+        endpoint.wait_for(
+            lambda: endpoint.workers()[0]["starts"] == start and endpoint.workers()[0]["ready"],
+            f"start {start} of the worker",
+        )
+        assert endpoint.workers()[0]["last_exit"] == {
+            "start": start - 1,
+            "code": 1,
+            "left_behind": 0,
+        }
+
+    def doomed(worker: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": DIES_IN + worker["id"]}]}
+
     with fake_endpoint(tmp_path, 0.0) as endpoint:
-        first = endpoint.workers()[0]
-        doomed = {"messages": [{"role": "user", "content": DIES_IN + first["id"]}]}
-        code, answer = endpoint.call("POST", "/runsync", {"input": doomed})
+        code, answer = endpoint.call("POST", "/runsync", {"input": doomed(endpoint.workers()[0])})
         assert (code, answer["status"]) == (200, "FAILED"), answer
         error = json.loads(answer["error"])["error"]
         assert (error["code"], error["type"]) == (503, "ServiceUnavailableError")
+        replaced(2)
 
-        endpoint.wait_for(
-            lambda: endpoint.workers()[0]["starts"] == 2 and endpoint.workers()[0]["ready"],
-            "the replacement worker",
-        )
-        assert endpoint.workers()[0]["last_exit"] == {"start": 1, "code": 1, "left_behind": 0}
-        assert endpoint.status(answer["id"]) == answer
+        second = endpoint.workers()[0]
+        _, job = endpoint.call("POST", "/run", {"input": doomed(second)})
+        failed = endpoint.wait_status(job["id"])
+        assert failed["status"] == "FAILED" and json.loads(failed["error"])["error"]["code"] == 503
+        replaced(3)
+        assert endpoint.status(job["id"]) == failed  # nothing retried it meanwhile
         health = endpoint.call("GET", "/health")[1]["jobs"]
-        assert (health["failed"], health["retried"], health["inQueue"]) == (1, 0, 0)
+        assert (health["failed"], health["retried"], health["inQueue"]) == (2, 0, 0)
 
-        assert endpoint.call("POST", f"/retry/{answer['id']}") == (
+        assert endpoint.call("POST", f"/retry/{job['id']}") == (
             200,
-            {"id": answer["id"], "status": "IN_QUEUE"},
+            {"id": job["id"], "status": "IN_QUEUE"},
         )
-        final = endpoint.wait_status(answer["id"])
+        final = endpoint.wait_status(job["id"])
         assert final["status"] == "COMPLETED", final
         assert final["output"][0]["choices"][0]["message"]["content"] == TEXT
-        assert final["workerId"] == endpoint.workers()[0]["id"] != first["id"]
+        assert final["workerId"] == endpoint.workers()[0]["id"] != second["id"]
         health = endpoint.call("GET", "/health")[1]["jobs"]
-        assert (health["completed"], health["failed"], health["retried"]) == (1, 1, 1)
+        assert (health["completed"], health["failed"], health["retried"]) == (1, 2, 1)
 
         # only FAILED or TIMED_OUT jobs can be retried; unknown ones are not found
-        code, body = endpoint.call("POST", f"/retry/{answer['id']}")
+        code, body = endpoint.call("POST", f"/retry/{job['id']}")
         assert "is COMPLETED; only FAILED or TIMED_OUT jobs can be retried" in openai_error(
             code, body, 400
         )
