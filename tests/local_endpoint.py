@@ -128,6 +128,7 @@ class LocalEndpoint:
         last: dict[str, Any] = {}
 
         def reached() -> bool:
+            last.clear()
             last.update(self.status(job_id))
             return last["status"] in statuses
 
@@ -142,6 +143,7 @@ class LocalEndpoint:
         def arrived() -> bool:
             code, body = self.call("POST", f"/stream/{job_id}")
             assert code == 200, (code, body)
+            last.clear()
             last.update(body)
             chunks.extend(item["output"] for item in body["stream"])
             return bool(chunks) or body["status"] in FINAL
