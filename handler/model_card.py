@@ -18,24 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from handler import openrouter
 from handler.protocol import ModelInfo
 from handler.settings import Settings, csv_list
 
-# OpenRouter's sampling parameters that vLLM's OpenAI layer takes (top_a is not one of them;
-# logprobs is a feature there, not a sampling parameter).
-SAMPLING_PARAMETERS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "stop",
-    "seed",
-    "max_tokens",
-    "logit_bias",
-)
+# OpenRouter's sampling parameters that vLLM's OpenAI layer takes: all but top_a (logprobs is a
+# feature there, not a sampling parameter).
+SAMPLING_PARAMETERS = tuple(p for p in openrouter.SAMPLING_PARAMETERS if p != "top_a")
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}
 # vLLM's quantization methods (its --quantization names, and the kernels it picks for them on a
 # GPU) by the number format of their weights. Methods whose format depends on the checkpoint
