@@ -127,8 +127,13 @@ def v2_settings(settings: Settings) -> Settings:
 
 
 def runsync(endpoint: LocalEndpoint, job: dict[str, Any]) -> list[Any]:
-    status, body = endpoint.call("POST", "/runsync", job, timeout=300)
-    assert status == 200 and body["status"] == "COMPLETED", body
+    """/runsync as runpod's client uses it: a job not done when the wait ends is polled at
+    /status until it is (on a slow machine the wait can end first, on RunPod too)."""
+    status, body = endpoint.call("POST", "/runsync?wait=300000", job, timeout=310)
+    assert status == 200, body
+    if body["status"] in {"IN_QUEUE", "IN_PROGRESS"}:
+        body = endpoint.wait_status(body["id"])
+    assert body["status"] == "COMPLETED", body
     return list(body["output"])
 
 
@@ -153,14 +158,18 @@ def test_tests_json_inputs_verbatim(endpoint: LocalEndpoint) -> None:
 
 
 def test_readme_job_examples_verbatim(endpoint: LocalEndpoint) -> None:
+    # sampled answers (the examples' temperatures): their text may be empty (an end-of-text
+    # token first), so what is checked is their shape and their token counts
     [prompt] = runsync(endpoint, README_PROMPT_JOB)
-    assert prompt["choices"][0]["text"] and prompt["usage"]["completion_tokens"] <= 100
+    assert isinstance(prompt["choices"][0]["text"], str)
+    assert 1 <= prompt["usage"]["completion_tokens"] <= 100
     [messages] = runsync(endpoint, README_MESSAGES_JOB)
-    assert messages["choices"][0]["message"]["content"]
+    assert isinstance(messages["choices"][0]["message"]["content"], str)
+    assert messages["usage"]["completion_tokens"] >= 1
     chunks = runsync(endpoint, README_GENERIC_JOB)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text
+    finished = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    assert finished in {"stop", "length"}
 
 
 def test_readme_examples_in_v2_shape(endpoint: LocalEndpoint) -> None:
