@@ -154,7 +154,8 @@ def test_tests_json_inputs_verbatim(endpoint: LocalEndpoint) -> None:
     assert completion["usage"]["prompt_tokens"] > 0
     [chat] = runsync(endpoint, {"input": TESTS_JSON_INPUTS[1]})
     assert chat["object"] == "chat.completion" and chat["model"] == MODEL_ID
-    assert chat["choices"][0]["message"]["content"]
+    assert isinstance(chat["choices"][0]["message"]["content"], str)  # sampled: may be empty
+    assert chat["usage"]["completion_tokens"] >= 1
 
 
 def test_readme_job_examples_verbatim(endpoint: LocalEndpoint) -> None:
