@@ -1,14 +1,17 @@
-"""The /v1/models listing: vLLM's model cards plus what OpenRouter's provider listing asks for.
+"""The /v1/models listing: vLLM's model cards plus OpenRouter's provider model document.
 
 In: vLLM's listing (``{"object": "list", "data": [model card, ...]}``, LoRA adapters included with
 their ``parent``), the settings, and the engine's :class:`~handler.protocol.ModelInfo`.
 Out: the same listing, every card keeping OpenAI's fields (``id``, ``object``, ``owned_by``) and
-vLLM's, with ``created`` made stable (vLLM stamps each answer with its own time), and ``name``,
-``context_length``, ``max_output_length``, ``quantization`` (left out when unknown),
-``input_modalities``, ``output_modalities``, ``pricing`` (USD per token, as strings),
-``supported_sampling_parameters``, ``supported_features`` and ``hugging_face_id`` added, each
-holding only values OpenRouter's provider docs list (:mod:`handler.openrouter`). Each comes from
-its setting when set, else from the engine. An adapter's card says it is one (``description``)
+vLLM's, with ``created`` made stable (vLLM stamps each answer with its own time), plus the fields
+of OpenRouter's current provider document (schema 2.4, :mod:`handler.openrouter`):
+``schema_version``, ``name``, ``quantization`` (left out when unknown), ``hugging_face_id``, and
+typed ``input_modalities`` and ``output_modalities``. The text input carries the context length
+and the prompt prices (USD per token, as strings); a text output carries the output length,
+streaming, the completion price and ``supported_parameters``: a descriptor for each sampling
+parameter and feature. Embedding and rerank outputs declare no parameters and no price of their
+own (their tokens are prompt tokens). Each value comes from its setting when set, else from the
+engine, and is one OpenRouter's guide lists. An adapter's card says it is one (``description``)
 and carries no Hugging Face id of its own. vLLM's ``root`` (where the weights were loaded from) is
 a local path on a worker: it becomes the Hugging Face id, or the card's own id, so no answer shows
 the worker's files. Pure; raises nothing.
@@ -16,6 +19,7 @@ the worker's files. Pure; raises nothing.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from handler import openrouter
@@ -83,27 +87,65 @@ def default_hub_id(model: str) -> str:
 
 def card_fields(settings: Settings, info: ModelInfo) -> dict[str, Any]:
     """The OpenRouter fields of the base model's card."""
-    pricing = {"prompt": settings.pricing_prompt, "completion": settings.pricing_completion}
-    if settings.pricing_input_cache_read is not None:
-        pricing["input_cache_read"] = settings.pricing_input_cache_read
     quantization = settings.model_quantization or quantization_label(info)
+    inputs = _listed(settings.input_modalities, ["text", "image"] if info.multimodal else ["text"])
+    outputs = _listed(settings.output_modalities, output_modalities(info))
     return {
+        "schema_version": openrouter.SCHEMA_VERSION,
         "created": info.loaded_at if settings.model_created is None else settings.model_created,
         "name": settings.model_display_name or settings.model_id.rstrip("/").split("/")[-1],
-        "context_length": info.context_length,
-        "max_output_length": settings.max_output_length or info.context_length,
         **({"quantization": quantization} if quantization else {}),
-        "input_modalities": _listed(
-            settings.input_modalities, ["text", "image"] if info.multimodal else ["text"]
-        ),
-        "output_modalities": _listed(settings.output_modalities, output_modalities(info)),
-        "pricing": pricing,
-        "supported_sampling_parameters": _listed(
-            settings.supported_sampling_parameters, list(SAMPLING_PARAMETERS)
-        ),
-        "supported_features": _listed(settings.supported_features, features(info)),
+        "input_modalities": [input_modality(kind, settings, info) for kind in inputs],
+        "output_modalities": [output_modality(kind, settings, info) for kind in outputs],
         "hugging_face_id": settings.hugging_face_id or default_hub_id(settings.model),
     }
+
+
+def input_modality(kind: str, settings: Settings, info: ModelInfo) -> dict[str, Any]:
+    """One input modality: the text one holds the context length and the prompt prices."""
+    if kind != "text":
+        return {"type": kind}
+    pricing = [_price("prompt", settings.pricing_prompt)]
+    if settings.pricing_input_cache_read is not None:
+        pricing.append(_price("cached_prompt", settings.pricing_input_cache_read))
+    limits = {"max_context_length": _tokens(info.context_length)}
+    return {"type": "text", "supported_inputs": limits, "pricing": pricing}
+
+
+def output_modality(kind: str, settings: Settings, info: ModelInfo) -> dict[str, Any]:
+    """One output modality: the text one holds the output length, the completion price and the
+    parameters a request may set; any other declares none (the guide requires the map)."""
+    if kind != "text":
+        return {"type": kind, "supported_parameters": {}}
+    length = settings.max_output_length or info.context_length
+    return {
+        "type": "text",
+        "max_length": _tokens(length),
+        "streaming": True,
+        "supported_parameters": supported_parameters(settings, info, length),
+        "pricing": [_price("completion", settings.pricing_completion)],
+    }
+
+
+def supported_parameters(settings: Settings, info: ModelInfo, length: int) -> dict[str, Any]:
+    """The descriptor of each sampling parameter and of each feature's request parameters."""
+    names = _listed(settings.supported_sampling_parameters, list(SAMPLING_PARAMETERS))
+    found = {name: dict(openrouter.PARAMETERS[name]) for name in names}
+    if "max_tokens" in found:
+        found["max_tokens"]["max"] = length
+    for feature in _listed(settings.supported_features, features(info)):
+        found |= {k: dict(v) for k, v in openrouter.FEATURE_PARAMETERS[feature].items()}
+    return found
+
+
+def _tokens(count: int) -> dict[str, Any]:
+    return {"value": count, "unit": "token"}
+
+
+def _price(kind: str, usd: str) -> dict[str, str]:
+    """A per-token price; its USD amount written without an exponent or a sign, as the guide's
+    decimal strings are (the settings take any non-negative decimal, ``1e-7`` or ``-0`` too)."""
+    return {"type": kind, "unit": "token", "cost_usd": format(Decimal(usd).copy_abs(), "f")}
 
 
 def adapter_fields(card: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:

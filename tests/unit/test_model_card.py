@@ -1,17 +1,39 @@
-"""The /v1/models listing with OpenRouter's provider fields."""
+"""The /v1/models listing with OpenRouter's provider fields (its current document, 2.4)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pytest
+from openai.types import Model
 
-from handler.model_card import SAMPLING_PARAMETERS, default_hub_id, describe_models
+from handler import openrouter
+from handler.model_card import default_hub_id, describe_models
 from handler.protocol import ModelInfo
 from handler.settings import SettingsError, load_settings
 from tests.openrouter_schema import valid_for_openrouter
 
 INFO = ModelInfo(context_length=8192, dtype="bfloat16", loaded_at=1_764_000_000)
+# What a text output of a generating model accepts by default: every sampling parameter vLLM
+# takes (OpenRouter's but top_a), and JSON mode, structured outputs and logprobs.
+DEFAULT_PARAMETERS: dict[str, Any] = {
+    "temperature": {"type": "range", "min": 0, "max": 2},
+    "top_p": {"type": "range", "min": 0, "max": 1},
+    "top_k": {"type": "integer", "min": 0},
+    "min_p": {"type": "range", "min": 0, "max": 1},
+    "frequency_penalty": {"type": "range", "min": -2, "max": 2},
+    "presence_penalty": {"type": "range", "min": -2, "max": 2},
+    "repetition_penalty": {"type": "range", "min": 0, "max": 2},
+    "stop": {"type": "array"},
+    "seed": {"type": "integer"},
+    "max_tokens": {"type": "integer", "min": 1, "unit": "token", "max": 8192},
+    "logit_bias": {"type": "unknown"},
+    "response_format": {"type": "boolean"},
+    "structured_outputs": {"type": "boolean"},
+    "logprobs": {"type": "boolean"},
+    "top_logprobs": {"type": "integer", "min": 0, "max": 20},
+}
 
 
 LISTING: dict[str, Any] = {
@@ -29,16 +51,26 @@ def test_defaults_come_from_the_engine() -> None:
     )
     listing = valid_for_openrouter(describe_models(LISTING, settings, INFO))
     extra = {
+        "schema_version": "2.4",
         "created": 1_764_000_000,  # when the engine loaded the model, not vLLM's answer time
         "name": "qwen",
-        "context_length": 8192,
-        "max_output_length": 8192,
         "quantization": "bf16",
-        "input_modalities": ["text"],
-        "output_modalities": ["text"],
-        "pricing": {"prompt": "0", "completion": "0"},
-        "supported_sampling_parameters": list(SAMPLING_PARAMETERS),
-        "supported_features": ["json_mode", "structured_outputs", "logprobs"],
+        "input_modalities": [
+            {
+                "type": "text",
+                "supported_inputs": {"max_context_length": {"value": 8192, "unit": "token"}},
+                "pricing": [{"type": "prompt", "unit": "token", "cost_usd": "0"}],
+            }
+        ],
+        "output_modalities": [
+            {
+                "type": "text",
+                "max_length": {"value": 8192, "unit": "token"},
+                "streaming": True,
+                "supported_parameters": DEFAULT_PARAMETERS,
+                "pricing": [{"type": "completion", "unit": "token", "cost_usd": "0"}],
+            }
+        ],
         "hugging_face_id": "Qwen/Qwen3-8B",
     }
     adapter = {
@@ -83,21 +115,94 @@ def test_settings_win() -> None:
         "created": 1_700_000_000,
         "owned_by": "vllm",
         "parent": None,
+        "schema_version": "2.4",
         "name": "Qwen3 8B (fast)",
-        "context_length": 8192,
-        "max_output_length": 4096,
         "quantization": "fp8",
-        "input_modalities": ["text", "image"],
-        "output_modalities": ["text"],
-        "pricing": {
-            "prompt": "0.00000015",
-            "completion": "0.0000006",
-            "input_cache_read": "0.00000003",
-        },
-        "supported_sampling_parameters": ["temperature", "top_p", "stop"],
-        "supported_features": ["tools", "json_mode"],
+        "input_modalities": [
+            {
+                "type": "text",
+                "supported_inputs": {"max_context_length": {"value": 8192, "unit": "token"}},
+                "pricing": [
+                    {"type": "prompt", "unit": "token", "cost_usd": "0.00000015"},
+                    {"type": "cached_prompt", "unit": "token", "cost_usd": "0.00000003"},
+                ],
+            },
+            {"type": "image"},
+        ],
+        "output_modalities": [
+            {
+                "type": "text",
+                "max_length": {"value": 4096, "unit": "token"},
+                "streaming": True,
+                "supported_parameters": {
+                    "temperature": {"type": "range", "min": 0, "max": 2},
+                    "top_p": {"type": "range", "min": 0, "max": 1},
+                    "stop": {"type": "array"},
+                    "tools": {"type": "boolean"},
+                    "tool_choice": {"type": "boolean"},
+                    "response_format": {"type": "boolean"},
+                },
+                "pricing": [{"type": "completion", "unit": "token", "cost_usd": "0.0000006"}],
+            }
+        ],
         "hugging_face_id": "Qwen/Qwen3-8B",
     }
+
+
+def test_the_cards_are_openai_model_objects() -> None:
+    # what the OpenAI SDK's models.list() reads from each card
+    listing = describe_models(LISTING, load_settings({"MODEL_NAME": "Qwen/Qwen3-8B"}), INFO)
+    models = [Model.model_validate(card) for card in valid_for_openrouter(listing)["data"]]
+    assert [(m.id, m.object, m.created, m.owned_by) for m in models] == [
+        ("qwen", "model", 1_764_000_000, "vllm"),
+        ("sql", "model", 1_764_000_000, "vllm"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"context_length": 8192},  # the legacy flat document's fields are not the current one's
+        {"pricing": {"prompt": "0", "completion": "0"}},
+        {"schema_version": "2.3"},
+        {"quantization": "unknown"},
+        {"input_modalities": ["text"]},
+    ],
+)
+def test_the_schema_refuses_what_the_current_document_does_not_hold(change: dict[str, Any]) -> None:
+    [card] = describe_models({"data": [LISTING["data"][0]]}, load_settings({}), INFO)["data"]
+    with pytest.raises(jsonschema.ValidationError):
+        valid_for_openrouter({"data": [card | change]})
+
+
+@pytest.mark.parametrize(
+    ("setting", "listed"), [("1e-7", "0.0000001"), ("-0", "0"), ("0.50", "0.50"), ("3", "3")]
+)
+def test_prices_are_plain_decimal_strings(setting: str, listed: str) -> None:
+    settings = load_settings({"PRICING_PROMPT": setting, "PRICING_INPUT_CACHE_READ": setting})
+    card = valid_for_openrouter(describe_models(LISTING, settings, INFO))["data"][0]
+    assert [p["cost_usd"] for p in card["input_modalities"][0]["pricing"]] == [listed, listed]
+
+
+def test_every_sampling_parameter_and_feature_is_described() -> None:
+    settings = load_settings(
+        {
+            "SUPPORTED_SAMPLING_PARAMETERS": ",".join(openrouter.SAMPLING_PARAMETERS),
+            "SUPPORTED_FEATURES": ",".join(openrouter.FEATURES),
+            "OUTPUT_MODALITIES": ",".join(openrouter.OUTPUT_MODALITIES),
+            "INPUT_MODALITIES": ",".join(openrouter.INPUT_MODALITIES),
+        }
+    )
+    card = valid_for_openrouter(describe_models(LISTING, settings, INFO))["data"][0]
+    text, *others = card["output_modalities"]
+    assert list(text["supported_parameters"]) == [
+        *openrouter.SAMPLING_PARAMETERS,
+        *(name for names in openrouter.FEATURE_PARAMETERS.values() for name in names),
+    ]
+    assert others == [
+        {"type": kind, "supported_parameters": {}} for kind in openrouter.OUTPUT_MODALITIES[1:]
+    ]
+    assert [m["type"] for m in card["input_modalities"]] == list(openrouter.INPUT_MODALITIES)
 
 
 @pytest.mark.parametrize(
@@ -161,10 +266,23 @@ def test_engine_facts(
     card = valid_for_openrouter(describe_models(LISTING, load_settings({}), info))["data"][0]
     assert card.get("quantization") == quantization
     assert ("quantization" in card) == (quantization is not None)
-    assert card["supported_features"] == (
-        features if features is not None else ["json_mode", "structured_outputs", "logprobs"]
+    kinds = (
+        [m["type"] for m in card["input_modalities"]],
+        [m["type"] for m in card["output_modalities"]],
     )
-    assert (card["input_modalities"], card["output_modalities"]) == modalities
+    assert kinds == modalities
+    [output] = card["output_modalities"]
+    if features is None:  # the defaults
+        assert output["supported_parameters"] == DEFAULT_PARAMETERS | {
+            "max_tokens": {"type": "integer", "min": 1, "unit": "token", "max": info.context_length}
+        }
+    elif output["type"] == "text":
+        asked = [k for f in features for k in openrouter.FEATURE_PARAMETERS[f]]
+        assert [k for k in output["supported_parameters"] if k not in DEFAULT_PARAMETERS] == [
+            k for k in asked if k not in DEFAULT_PARAMETERS
+        ]
+    else:  # an embedding or a reranking model: no generation parameters, no price of its own
+        assert output == {"type": output["type"], "supported_parameters": {}}
 
 
 @pytest.mark.parametrize(
