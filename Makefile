@@ -1,6 +1,6 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro bench-cold bench-burst
+.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro bench-cold bench-burst docs
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
@@ -11,6 +11,7 @@ help:
 	@echo "make soak         the soak test for 30 minutes (SOAK_S=seconds to change)"
 	@echo "make lint         ruff and mypy"
 	@echo "make check-image  hadolint, and the GPU image's pins resolved for its platform"
+	@echo "make docs         regenerate docs/settings.md from handler/settings.py"
 	@echo "make bench        the full path vs vllm serve and the bare engine under load: table, chart"
 	@echo "make bench-burst  16 requests at once: where the full path's time to first token goes"
 	@echo "make bench-stream handler vs bare engine streaming overhead"
@@ -25,7 +26,7 @@ run:
 	scripts/in-env python -m handler.run_local test_input.json
 
 serve:
-	scripts/in-env python -m handler.local $(ARGS)
+	scripts/in-env python -m local_endpoint $(ARGS)
 
 test: lint
 	scripts/in-env python -m pytest
@@ -40,31 +41,35 @@ soak:
 	SOAK_S=$${SOAK_S:-1800} scripts/in-env python -m pytest -s tests/integration/test_soak.py
 
 lint:
-	scripts/in-env ruff check handler tests builder bench
-	scripts/in-env ruff format --check handler tests builder bench
+	scripts/in-env ruff check handler local_endpoint tests builder bench
+	scripts/in-env ruff format --check handler local_endpoint tests builder bench
 	scripts/in-env mypy
 
 check-image:
 	scripts/in-env scripts/check-image
 
+docs:
+	scripts/in-env python builder/settings_doc.py > docs/settings.md.tmp
+	mv docs/settings.md.tmp docs/settings.md
+
 format:
-	scripts/in-env ruff format handler tests builder bench
-	scripts/in-env ruff check --fix handler tests builder bench
+	scripts/in-env ruff format handler local_endpoint tests builder bench
+	scripts/in-env ruff check --fix handler local_endpoint tests builder bench
 
 bench:
-	scripts/in-env python bench/load.py $(ARGS)
+	scripts/in-env python -m bench.load $(ARGS)
 
 bench-stream:
-	scripts/in-env python bench/stream_overhead.py
+	scripts/in-env python -m bench.stream_overhead
 
 bench-cache:
-	scripts/in-env python bench/cache_ttft.py
+	scripts/in-env python -m bench.cache_ttft
 
 bench-repro:
-	scripts/in-env python bench/reproducibility.py
+	scripts/in-env python -m bench.reproducibility
 
 bench-cold:
-	flock /tmp/engine.lock scripts/in-env python bench/cold_start.py $(ARGS)
+	flock /tmp/engine.lock scripts/in-env python -m bench.cold_start $(ARGS)
 
 bench-burst:
-	flock /tmp/engine.lock scripts/in-env python bench/burst_timeline.py $(ARGS)
+	flock /tmp/engine.lock scripts/in-env python -m bench.burst_timeline $(ARGS)

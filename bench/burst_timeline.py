@@ -14,7 +14,7 @@ processes line up.
 Prints, per path, each hop's median time after the client sent the request, and the median
 step from the hop before it; and each burst's spread of arrivals at the engine.
 
-Usage: scripts/in-env python bench/burst_timeline.py [--bursts 4] [--concurrency 16]
+Usage: scripts/in-env python -m bench.burst_timeline [--bursts 4] [--concurrency 16]
     [--lmcache on|off] [--json FILE]
 """
 
@@ -28,18 +28,13 @@ import logging
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from load import (  # noqa: E402
+from bench.load import (
     SETTLE_S,
     free_port,
     start_endpoint,
@@ -48,10 +43,14 @@ from load import (  # noqa: E402
     stop_vllm_serve,
     wait_ready,
 )
+from handler.settings import LOCAL_ONLY, apply_process_environment
+from local_endpoint.harness import (
+    MODEL_ID,
+    LocalEndpoint,
+    local_env,
+)
 
-from handler.settings import LOCAL_ONLY, apply_process_environment  # noqa: E402
-from tests.integration.conftest import MODEL_ID, local_env  # noqa: E402
-from tests.local_endpoint import LocalEndpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TRACE = ROOT / "bench" / "trace"
 CLIENT_SENT, CLIENT_FIRST = "client: request sent", "client: first token"

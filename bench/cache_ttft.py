@@ -15,7 +15,7 @@ short question, streamed, and reports the median time to the first generated tok
 cached prompt tokens vLLM reports. Engines run one at a time, on the default model, with the
 engine and LMCache modules the worker uses. Needs ``redis-server`` on PATH.
 
-    scripts/in-env python bench/cache_ttft.py [--docs 5] [--prefix-tokens 2000] [--json out.json]
+    scripts/in-env python -m bench.cache_ttft [--docs 5] [--prefix-tokens 2000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,11 +34,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from handler.engine import VllmEngine
+from handler.engine.interface import EngineCall
+from handler.engine.vllm_engine import VllmEngine
 from handler.lmcache import LMCacheServer, free_port
-from handler.protocol import EngineCall
 from handler.settings import (
     LOCAL_ONLY,
     Settings,

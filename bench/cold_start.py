@@ -8,7 +8,7 @@ Each row starts something from nothing and times it from its launch to its first
   the very argument namespace ``handler.engine.build_args`` makes from the worker's settings, so
   the flags cannot drift (the CPU build's ``vllm`` console script is broken). It builds vLLM's
   argument parser as ``vllm serve`` does; polled every 20 ms.
-* **worker**: ``python -m handler.local`` with one worker (``python -m handler`` under runpod's
+* **worker**: ``python -m local_endpoint`` with one worker (``python -m handler`` under runpod's
   production loop); the request goes in through the endpoint's OpenAI route as soon as the
   endpoint listens and waits in the queue, so it is answered at the worker's first job-take.
   Launch is the worker process's creation time.
@@ -23,7 +23,7 @@ again and why).
 
 Writes ``OUT/cold_start.json`` and prints Markdown tables.
 
-Usage: scripts/in-env python bench/cold_start.py [--rounds N] [--out DIR] [--no-compile]
+Usage: scripts/in-env python -m bench.cold_start [--rounds N] [--out DIR] [--no-compile]
 """
 
 from __future__ import annotations
@@ -49,19 +49,22 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from handler.settings import (  # noqa: E402
+from handler.cold_start import process_age_s
+from handler.settings import (
     ENGINE_LIMITS,
     LOCAL_ONLY,
     LOOPBACK_HOST,
     TELEMETRY_OFF,
     load_settings,
 )
-from handler.worker import process_age_s  # noqa: E402
-from tests.integration.conftest import local_env  # noqa: E402
-from tests.local_endpoint import KEY, LocalEndpoint, stop  # noqa: E402
+from local_endpoint.harness import (
+    KEY,
+    LocalEndpoint,
+    local_env,
+    stop,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 START_TIMEOUT_S = 600.0
 POLL_S = 0.02
@@ -137,7 +140,7 @@ def get(url: str, timeout: float, headers: dict[str, str] | None = None) -> int:
 
 
 def vllm_serve(name: str, env: dict[str, str], work: Path, logs: Path) -> Run:
-    from handler.engine import build_args
+    from handler.engine.args import build_args
 
     env = {**env, "VLLM_CACHE_ROOT": env["COMPILE_CACHE_DIR"]}
     args = build_args(load_settings(env))
@@ -179,7 +182,7 @@ def worker(name: str, env: dict[str, str], work: Path, logs: Path) -> Run:
     """The local endpoint with one worker; the first /v1/models goes in as soon as it listens."""
     port = free_port()
     log = logs / f"{slug(name)}.log"
-    command = [sys.executable, "-m", "handler.local", "--port", str(port), "--api-key", KEY]
+    command = [sys.executable, "-m", "local_endpoint", "--port", str(port), "--api-key", KEY]
     command += ["--workers", "1", "--no-restart"]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -217,7 +220,7 @@ def two_at_once(name: str, env: dict[str, str], work: Path, logs: Path) -> Run:
     endpoint's launch to both workers polling for jobs."""
     ready = work / "ready-two.json"
     log = logs / f"{slug(name)}.log"
-    command = [sys.executable, "-m", "handler.local", "--port", "0", "--api-key", KEY]
+    command = [sys.executable, "-m", "local_endpoint", "--port", "0", "--api-key", KEY]
     command += ["--workers", "2", "--no-restart", "--ready-file", str(ready)]
     with log.open("wb") as out:
         launched = time.time()

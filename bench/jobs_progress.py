@@ -3,7 +3,7 @@ finished, as runpod's ``JobsProgress`` records them (the whole job, pickled to
 ``./.runpod_jobs.pkl`` on every add and remove) and as the worker's job loop hands them to it
 (:class:`handler.job_loop.JobIds`: the id only).
 
-    scripts/in-env python bench/jobs_progress.py [--jobs 32] [--prompt-kb 100] [--rounds 20]
+    scripts/in-env python -m bench.jobs_progress [--jobs 32] [--prompt-kb 100] [--rounds 20]
 
 Prints the median time of one add plus one remove, and the state file's size with every job in
 flight. Runs in a temporary directory (runpod writes its file to the working directory).
@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(progress: Any, jobs: list[dict[str, Any]], rounds: int, state: Path) -> tuple[float, int]:

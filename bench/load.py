@@ -8,7 +8,7 @@ The same requests (distinct random prompts of ``--prompt-tokens`` token ids, gre
 * ``serve``: ``vllm serve`` (vLLM's own OpenAI server, ``bench/vllm_serve.py``) started with
   exactly the worker's engine arguments (built by the worker's own code), on loopback, with its
   own LMCache server; driven by the same OpenAI SDK client;
-* ``full``: the OpenAI SDK -> the local RunPod endpoint (``python -m handler.local``) -> a worker
+* ``full``: the OpenAI SDK -> the local RunPod endpoint (``python -m local_endpoint``) -> a worker
   process under runpod's production loop (job-take, stream POSTs, job-done) -> the handler ->
   vLLM's app -> the engine;
 * ``post100``: the full path with 100 ms added to every stream POST (RunPod's round trip);
@@ -31,7 +31,7 @@ within this run.
 Writes ``OUT/load.json`` (``--baseline`` compares a new run with an older file) and
 ``OUT/load.png``, and prints Markdown tables.
 
-Usage: scripts/in-env python bench/load.py [--out DIR] [--paths bare,serve,full,post100]
+Usage: scripts/in-env python -m bench.load [--out DIR] [--paths bare,serve,full,post100]
     [--concurrency 1,4,16] [--modes streamed,one-shot] [--rounds N] [--before REV]
     [--lmcache on|off]
 """
@@ -60,13 +60,11 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings
+from local_endpoint.__main__ import KEEP_ALIVE_S
+from local_endpoint.harness import KEY, MODEL_ID, LocalEndpoint, local_env, stop
 
-from handler.local.__main__ import KEEP_ALIVE_S  # noqa: E402
-from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings  # noqa: E402
-from tests.integration.conftest import MODEL_ID, local_env  # noqa: E402
-from tests.local_endpoint import KEY, LocalEndpoint, stop  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STREAM_POSTS = "runpod_local_job_stream_posts"
 # vLLM's engine processes busy-wait for 1 s after their last message (shm_broadcast's
@@ -170,7 +168,7 @@ ROLES = (
     ("EngineCore", "engine core (scheduler)"),
     ("VLLM::Worker", "engine worker (model)"),
     ("lmcache", "LMCache server"),
-    ("handler.local", "local endpoint"),
+    ("local_endpoint", "local endpoint"),
     ("vllm_serve.py", "vllm serve: API server, vLLM frontend"),
     ("-m handler", "worker: runpod loop, handler, vLLM frontend"),
 )
@@ -304,8 +302,8 @@ async def bare_engine(env: dict[str, str]) -> Any:
     """vLLM's AsyncLLM from the worker's own arguments, with the worker's LMCache server."""
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
 
-    from handler.engine import build_args
-    from handler.worker import start_cache
+    from handler.cold_start import start_cache
+    from handler.engine.args import build_args
 
     settings = load_settings(env)
     cache = start_cache(settings)
@@ -386,11 +384,11 @@ class Started:
 def start_endpoint(
     root: Path, tmp: Path, env: dict[str, str], delay_ms: float, first: str | None = None
 ) -> Started:
-    """``python -m handler.local`` from the checkout at ``root`` (its endpoint and its worker),
+    """``python -m local_endpoint`` from the checkout at ``root`` (its endpoint and its worker),
     one worker, key :data:`KEY`; does not wait. ``first``: a folder put before ``root`` on the
     path (the burst timeline's tracer)."""
     ready, log = tmp / "ready.json", tmp / "local-endpoint.log"
-    command = [sys.executable, "-m", "handler.local", "--port", "0", "--api-key", KEY]
+    command = [sys.executable, "-m", "local_endpoint", "--port", "0", "--api-key", KEY]
     command += ["--ready-file", str(ready), "--stream-post-delay-ms", str(delay_ms)]
     # the checkout's own modules first: `-m` puts the working folder first on sys.path, and the
     # worker it starts inherits the environment
@@ -412,7 +410,7 @@ def free_port() -> int:
 def start_vllm_serve(tmp: Path, env: dict[str, str], port: int) -> Started:
     """``bench/vllm_serve.py``: `vllm serve` with the worker's engine arguments; does not wait."""
     log = tmp / "vllm-serve.log"
-    command = [sys.executable, str(ROOT / "bench" / "vllm_serve.py"), "--port", str(port)]
+    command = [sys.executable, "-m", "bench.vllm_serve", "--port", str(port)]
     # idle connections kept as long as the local endpoint keeps them: with vLLM's 5 s, the
     # client's connection (httpx keeps one 5 s) was sometimes closed under a request between
     # bursts ("Connection error"); no effect on a request's time
@@ -1050,7 +1048,7 @@ def main() -> None:
     by_round = ttft_interval(cells, plan)
     options.out.mkdir(parents=True, exist_ok=True)
     result = {
-        "command": "make bench (" + " ".join(["bench/load.py", *sys.argv[1:]]) + ")",
+        "command": "make bench (" + " ".join(["python -m bench.load", *sys.argv[1:]]) + ")",
         "machine": where,
         "plan": {k: v for k, v in asdict(plan).items() if k != "vocab"},
         "model": MODEL_ID,

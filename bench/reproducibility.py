@@ -6,7 +6,7 @@ seeds, the request runs alone, then at once with 8 other seeded requests; the te
 (sampled at temperature 1 and greedy). The 9-request batch's wall time gives the output tokens/s
 the setting reaches with that much concurrency.
 
-    scripts/in-env python bench/reproducibility.py [--seeds 3] [--tokens 64] [--json out.json]
+    scripts/in-env python -m bench.reproducibility [--seeds 3] [--tokens 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from handler.engine import VllmEngine
-from handler.protocol import EngineCall
+from handler.engine.interface import EngineCall
+from handler.engine.vllm_engine import VllmEngine
 from handler.settings import LOCAL_ONLY, apply_process_environment, environment, load_settings
 
 SETTINGS = {

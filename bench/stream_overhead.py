@@ -5,7 +5,7 @@ tokens/s and yields per stream, for the bare engine and for the handler as runpo
 loop drives it (runpod's run_job_generator; each yield awaits a stand-in POST of 0 or 100 ms),
 with coalescing on (STREAM_FLUSH_INTERVAL_MS=50) and off (0). Runs alternate; medians reported.
 
-Usage: scripts/in-env python bench/stream_overhead.py [--repeats N]   (or: make bench-stream)
+Usage: scripts/in-env python -m bench.stream_overhead [--repeats N]   (or: make bench-stream)
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings
+from handler.streaming import parse_events
+from local_endpoint.harness import local_env
 
-from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings  # noqa: E402
-from handler.streaming import parse_events  # noqa: E402
-from tests.integration.conftest import local_env  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MAX_TOKENS = 256
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
@@ -135,7 +134,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from handler.engine import VllmEngine
+    from handler.engine.vllm_engine import VllmEngine
 
     ids = AutoTokenizer.from_pretrained(settings_on.model)(PROMPT)["input_ids"]
     started = time.perf_counter()

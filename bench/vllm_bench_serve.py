@@ -1,7 +1,7 @@
 """vLLM's own benchmark client (``vllm bench serve``), runnable here: the CPU wheel's ``vllm``
 console script is broken, so this calls the same code. Arguments are vllm bench serve's, e.g.
 
-    scripts/in-env python bench/vllm_bench_serve.py --backend openai-chat \
+    scripts/in-env python -m bench.vllm_bench_serve --backend openai-chat \
         --base-url http://127.0.0.1:8000/v2/local/openai --endpoint /v1/chat/completions \
         --model SmolLM2-135M-Instruct --tokenizer "$MODEL_NAME" --dataset-name random \
         --random-input-len 128 --random-output-len 64 --num-prompts 32 --max-concurrency 8

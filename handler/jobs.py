@@ -29,6 +29,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from handler.engine.interface import Engine, EngineCall, EngineReply
 from handler.errors import (
     EngineDead,
     InvalidRequest,
@@ -40,9 +41,6 @@ from handler.errors import (
 from handler.model_card import describe_models
 from handler.protocol import (
     BATCH_HINTS,
-    Engine,
-    EngineCall,
-    EngineReply,
     NativeBatch,
     NativeJob,
     Shape,

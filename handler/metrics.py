@@ -14,8 +14,8 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from handler.engine.interface import Engine
 from handler.lmcache import LMCacheServer
-from handler.protocol import Engine
 from handler.settings import Settings
 
 

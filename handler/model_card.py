@@ -1,7 +1,7 @@
 """The /v1/models listing: vLLM's model cards plus OpenRouter's provider model document.
 
 In: vLLM's listing (``{"object": "list", "data": [model card, ...]}``, LoRA adapters included with
-their ``parent``), the settings, and the engine's :class:`~handler.protocol.ModelInfo`.
+their ``parent``), the settings, and the engine's :class:`~handler.engine.interface.ModelInfo`.
 Out: the same listing, every card keeping OpenAI's fields (``id``, ``object``, ``owned_by``) and
 vLLM's, with ``created`` made stable (vLLM stamps each answer with its own time), plus the fields
 of OpenRouter's current provider document (schema 2.4, :mod:`handler.openrouter`):
@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 from handler import openrouter
-from handler.protocol import ModelInfo
+from handler.engine.interface import ModelInfo
 from handler.settings import Settings, csv_list
 
 # OpenRouter's sampling parameters that vLLM's OpenAI layer takes: all but top_a (logprobs is a

@@ -1,4 +1,4 @@
-"""The job contract and the engine interface.
+"""The job contract: what a job's ``input`` may be, and the engine call it becomes.
 
 In: a RunPod job's ``input``, in one of four shapes:
 
@@ -28,21 +28,18 @@ development routes of vLLM's server are never reachable from a job).
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from handler.engine.interface import EngineCall, Method
 from handler.errors import InvalidRequest, NotFound, from_validation_error
 from handler.guided import translate_guided
 from handler.settings import Settings
-
-Method = Literal["GET", "POST"]
 
 # The routes of vLLM's server a job may call, with their method: its public inference API. Any
 # other route it registers is refused (REFUSED_ROUTES says why, for each one vLLM 0.32 has; a test
@@ -158,74 +155,6 @@ class Shape(enum.Enum):
     OPENAI = "openai"  # streams as SSE text, exactly what an OpenAI client reads
     NATIVE = "native"  # streams as OpenAI chunk dicts
     V2 = "worker-vllm-v2"  # RunPod's official worker v2.x: {"choices": [{"tokens"}], "usage"}
-
-
-@dataclass(frozen=True)
-class EngineCall:
-    """One request to vLLM's server: a path of :data:`PUBLIC_ROUTES` (placeholders filled in),
-    its method, its JSON body (None for a GET) and the request id vLLM is to use."""
-
-    route: str
-    body: Mapping[str, Any] | None = None
-    request_id: str = ""
-    method: Method = "POST"
-
-    @property
-    def stream(self) -> bool:
-        return bool((self.body or {}).get("stream"))
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the engine knows of the served model, for the /v1/models listing."""
-
-    context_length: int
-    dtype: str  # weight dtype, as torch names it without the prefix: "bfloat16"
-    quantization: str | None = None  # vLLM's quantization method ("fp8", "awq"), if any
-    multimodal: bool = False
-    tools: bool = False  # a tool-call parser is set (tool_choice "auto" works)
-    reasoning: bool = False  # a reasoning parser is set
-    generates: bool = True  # chat and completions work
-    embeds: bool = False  # /v1/embeddings works
-    scores: bool = False  # /score, /rerank and /classify work (a cross-encoder)
-    loaded_at: int = 0  # when the engine loaded the model (Unix seconds): the cards' `created`
-    on_cpu: bool = False  # the model runs on CPU (vLLM's CPU build), not an accelerator
-
-
-# An engine answers with a JSON-safe response dict, or with SSE events ('data: {...}\n\n', ending
-# with 'data: [DONE]\n\n') for a streamed request.
-EngineReply = dict[str, Any] | AsyncIterator[str]
-
-
-class Engine(Protocol):
-    """What the handler needs from an inference engine (vLLM in production, a fake in tests)."""
-
-    async def serve(self, call: EngineCall) -> EngineReply:
-        """Run one OpenAI request; raise a WorkerError for an error answer."""
-        ...
-
-    @property
-    def dead(self) -> bool:
-        """True once the engine can serve no more requests."""
-        ...
-
-    @property
-    def model_info(self) -> ModelInfo:
-        """Facts about the served model."""
-        ...
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        """The event loop the engine runs on, where the job loop should run too; None: any."""
-        ...
-
-    def running_requests(self) -> int:
-        """Requests the engine is generating for right now."""
-        ...
-
-    def shutdown(self) -> None:
-        """Stop the engine and every process it started."""
-        ...
 
 
 class OpenAIRouteJob(BaseModel):

@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from handler.settings import LOCAL_ONLY, apply_process_environment
-from handler.streaming import parse_events
-from handler.worker import (
+from handler.cold_start import (
     RUNPOD_LOG_DEFAULTS,
     ColdStart,
     configure_logging,
@@ -27,6 +25,8 @@ from handler.worker import (
     start_engine,
     stop_all,
 )
+from handler.settings import LOCAL_ONLY, apply_process_environment
+from handler.streaming import parse_events
 
 
 def answer_text(outputs: list[Any]) -> str:

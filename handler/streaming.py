@@ -24,16 +24,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
+from handler.engine.interface import END, Failure
 from handler.errors import EngineError
-
-END = object()  # marks the end of a pumped stream
-
-
-class Failure:
-    """Carries a pumped stream's exception to its reader."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 async def pump(source: AsyncIterator[str], deliver: Callable[[object], None]) -> None:

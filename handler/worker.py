@@ -1,24 +1,18 @@
-"""Cold start and lifecycle of the worker process (``python -m handler``).
+"""``python -m handler``: the worker process the image runs.
 
-Order: environment switches, settings, logging, where the model comes from
-(:mod:`handler.model_source`), where vLLM's compile cache goes (:mod:`handler.compile_cache`:
-``VLLM_CACHE_ROOT`` on the network volume, set before vllm is imported), the LMCache server, the
-vLLM engine (once), then
-``runpod.serverless.start`` (its job loop made prompt by :mod:`handler.job_loop`, and run on the
-engine's event loop) with the
-async-generator handler, ``return_aggregate_stream`` and a
-``concurrency_modifier`` from settings. runpod's own flags (``--rp_serve_api``,
-``--rp_log_level``, ...) keep working.
+The cold start (:mod:`handler.cold_start`: settings, logging, model, compile cache, LMCache server,
+vLLM engine), then ``runpod.serverless.start`` (its job loop made prompt by
+:mod:`handler.job_loop`, and run on the engine's event loop) with the async-generator handler,
+``return_aggregate_stream`` and a ``concurrency_modifier`` from settings. runpod's own flags
+(``--rp_serve_api``, ``--rp_log_level``, ...) keep working. runpod's job-loop modules are imported
+in a thread while the engine builds (:class:`BackgroundImports`); the first job-take's time is
+logged (the first call of runpod's concurrency modifier).
 
 Exit: the engine and its processes are stopped however runpod returns (a drained SIGTERM, SIGINT,
 an error). If the engine dies, :class:`EngineWatch` asks runpod to stop taking jobs (the SIGTERM
 path runpod installs: in-flight jobs finish with a 503 error), and the process exits with status 1
 so RunPod replaces the worker; if that takes longer than ``ENGINE_DEAD_GRACE_S`` it exits anyway.
 A malformed setting exits with status 2 and a message that names the variable.
-
-Each cold-start phase is logged with its duration (``cold start: engine build took 31.20 s``),
-timed from the process's launch, then a summary line once the engine is ready, and the time of
-the first job-take (the first call of runpod's concurrency modifier).
 """
 
 from __future__ import annotations
@@ -31,31 +25,24 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import uvloop
 
-from handler import compile_cache, model_source
-from handler.lmcache import LMCacheServer
-from handler.protocol import Engine
-from handler.settings import (
-    HUB_OFFLINE,
-    Settings,
-    SettingsError,
-    apply_process_environment,
-    environment,
-    load_settings,
+from handler.cold_start import (
+    locate_model,
+    settings_timed,
+    start_cache,
+    stop_all,
+    timed_engine_start,
+    use_compile_cache,
 )
+from handler.engine.interface import Engine
+from handler.settings import Settings
 
 log = logging.getLogger("handler.worker")
-
-CACHE_START_TIMEOUT_S = 120.0
-# runpod logs every yielded item, twice, at DEBUG (its default level).
-RUNPOD_LOG_DEFAULTS = {"RUNPOD_DEBUG_LEVEL": "INFO"}
 
 
 class EngineWatch:
@@ -89,36 +76,6 @@ class EngineWatch:
         log.critical("in-flight jobs did not finish within the grace period; exiting now")
         self.before_exit()
         self._hard_exit(1)
-
-
-class ColdStart:
-    """Times the cold-start phases, logs each, and sums them up once the worker is ready.
-    ``started``: when the cold start began on ``clock`` (default: now), e.g. the process launch."""
-
-    def __init__(
-        self, clock: Callable[[], float] = time.perf_counter, started: float | None = None
-    ) -> None:
-        self._clock = clock
-        self.started = clock() if started is None else started
-        self.phases: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = self._clock()
-        yield
-        self.record(name, self._clock() - started)
-
-    def record(self, name: str, seconds: float) -> None:
-        """A phase timed elsewhere (before logging was set up, or inside the engine)."""
-        self.phases[name] = seconds
-        log.info("cold start: %s took %.2f s", name, seconds)
-
-    def since_start(self) -> float:
-        return self._clock() - self.started
-
-    def summary(self) -> str:
-        parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
-        return f"cold start: ready in {self._clock() - self.started:.1f} s ({parts})"
 
 
 # Needed only once the engine is ready. runpod's import takes 1.2-1.5 s on the 2-core development
@@ -158,77 +115,9 @@ class BackgroundImports:
             self._thread.join()
 
 
-def process_age_s(pid: int | str = "self") -> float:
-    """Seconds since the process started (for this one: the interpreter's start and the imports
-    so far), from /proc in clock ticks: psutil's create_time rests on a boot time in whole
-    seconds. 0 where /proc cannot tell."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def use_compile_cache(settings: Settings) -> None:
-    """vLLM's compile cache on the network volume when it can be (:mod:`handler.compile_cache`);
-    set in the process environment before vllm is imported."""
-    folder = compile_cache.choose(settings.compile_cache_dir, settings.vllm_cache_root)
-    log.log(logging.WARNING if folder.problem else logging.INFO, "compile cache: %s", folder.reason)
-    apply_process_environment(folder.environment)
-
-
-def locate_model(settings: Settings) -> Settings:
-    """The settings that load the model from where it is (baked, cached, or to download)."""
-    source = model_source.find(settings)
-    if source.kind == "download":
-        log.info("model %s: not baked in, not in RunPod's cache: downloading", settings.model)
-    else:
-        log.info("model %s: %s at %s", settings.model, source.kind, source.model)
-    if source.offline:
-        apply_process_environment(HUB_OFFLINE)
-    return model_source.apply(settings, source)
-
-
 def sigterm_self() -> None:
     """runpod's JobScaler turns SIGTERM into a graceful stop: no new jobs, in-flight ones drain."""
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-# vLLM's serving modules that log a refused request's whole error at ERROR ("Error with model
-# ErrorInfo(message=...)"); the message may quote the request (the model name it asked for).
-VLLM_ERROR_LOGGERS = (
-    "vllm.entrypoints.openai.chat_completion.serving",
-    "vllm.entrypoints.openai.chat_completion.batch_serving",
-    "vllm.entrypoints.openai.responses.serving",
-    "vllm.entrypoints.scale_out.token_in_token_out.serving",
-    "vllm.entrypoints.scale_out.render.serving",
-)
-
-
-class ErrorSummary(logging.Filter):
-    """Keeps an error object's type, param and code in a log record, drops its message."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(_summary(arg) for arg in record.args)
-        return True
-
-
-def _summary(arg: Any) -> Any:
-    info = getattr(arg, "error", arg)
-    if not all(hasattr(info, name) for name in ("message", "type", "param", "code")):
-        return arg
-    return f"{info.type} (param {info.param}, status {info.code})"
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("handler").setLevel(settings.log_level)
-    for name in VLLM_ERROR_LOGGERS:  # vLLM's own logging set-up keeps a logger's filters
-        logging.getLogger(name).addFilter(ErrorSummary())
 
 
 def runpod_config(
@@ -255,27 +144,6 @@ def runpod_config(
 def _exit_on_signal(_signum: int, _frame: FrameType | None) -> None:
     """A requested stop: unwind through the engine shutdown and exit 0."""
     raise SystemExit(0)
-
-
-def load_or_exit() -> Settings:
-    try:
-        return load_settings(environment())
-    except SettingsError as exc:
-        print(f"worker not started: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def settings_timed() -> tuple[Settings, ColdStart]:
-    """Settings and logging, and the cold start's clock, started at the process's launch."""
-    entered = time.perf_counter()
-    launched = entered - process_age_s()
-    apply_process_environment(RUNPOD_LOG_DEFAULTS)
-    settings = load_or_exit()
-    configure_logging(settings)
-    cold = ColdStart(started=launched)
-    cold.record("interpreter and imports", entered - launched)
-    cold.record("settings", time.perf_counter() - entered)
-    return settings, cold
 
 
 def main() -> None:
@@ -326,72 +194,3 @@ def main() -> None:
         stop_all(engine, cache)
     if died:
         raise SystemExit(1)
-
-
-def timed_engine_start(
-    cold: ColdStart,
-    settings: Settings,
-    cache: LMCacheServer | None,
-    on_dead: Callable[[], None],
-    after_args: Callable[[], None] = lambda: None,
-) -> tuple[Engine, LMCacheServer | None]:
-    """:func:`start_engine`, with the engine's own steps (vLLM import and arguments, engine
-    build, app build) and the rest (the LMCache server's readiness) as cold-start phases."""
-    started = time.perf_counter()
-    engine, cache = start_engine(settings, cache, on_dead, after_args)
-    total = time.perf_counter() - started
-    steps: dict[str, float] = getattr(engine, "start_phases", {})
-    for name, seconds in steps.items():
-        cold.record(name, seconds)
-    cold.record("LMCache readiness and engine watch", total - sum(steps.values()))
-    return engine, cache
-
-
-def start_cache(settings: Settings) -> LMCacheServer | None:
-    """The LMCache server starts first and warms up while vLLM loads the model."""
-    if not settings.lmcache_enabled:
-        return None
-    cache = LMCacheServer(settings)
-    cache.start()
-    return cache
-
-
-def start_engine(
-    settings: Settings,
-    cache: LMCacheServer | None,
-    on_dead: Callable[[], None] = lambda: None,
-    after_args: Callable[[], None] = lambda: None,
-) -> tuple[Engine, LMCacheServer | None]:
-    """The engine, and the cache server if the engine uses it (a pooling model keeps no KV cache,
-    so its LMCache server is stopped). ``after_args``: see ``VllmEngine.start``."""
-    from handler.engine import VllmEngine
-
-    connector = cache.connector_config() if cache else None
-    try:
-        engine = VllmEngine.start(
-            settings, on_dead=on_dead, connector=connector, after_args=after_args
-        )
-    except SettingsError as exc:
-        print(f"worker not started: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if cache is not None and not engine.model_info.generates:
-        cache.stop()
-        return engine, None
-    if cache is not None:
-        started = time.perf_counter()
-        if cache.wait_healthy(CACHE_START_TIMEOUT_S):
-            log.info("LMCache server ready (waited %.1f s more)", time.perf_counter() - started)
-        else:
-            log.warning(
-                "LMCache server not healthy after %.0f s: requests are recomputed until it is",
-                CACHE_START_TIMEOUT_S,
-            )
-    return engine, cache
-
-
-def stop_all(engine: Engine | None, cache: LMCacheServer | None) -> None:
-    """The engine first (it talks to the cache), then the cache server."""
-    if engine is not None:
-        engine.shutdown()
-    if cache is not None:
-        cache.stop()

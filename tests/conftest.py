@@ -7,7 +7,7 @@ import openai
 import pytest
 import runpod
 
-from tests.local_endpoint import LocalEndpoint
+from local_endpoint.harness import LocalEndpoint
 
 
 @pytest.fixture

@@ -25,17 +25,12 @@ from multiprocessing import shared_memory
 from typing import Any
 
 from handler import job_loop
+from handler.cold_start import RUNPOD_LOG_DEFAULTS, configure_logging
+from handler.engine.interface import EngineCall, EngineReply
 from handler.jobs import make_handler
 from handler.metrics import serve_metrics
-from handler.protocol import EngineCall, EngineReply
 from handler.settings import apply_process_environment, load_settings
-from handler.worker import (
-    RUNPOD_LOG_DEFAULTS,
-    EngineWatch,
-    configure_logging,
-    runpod_config,
-    sigterm_self,
-)
+from handler.worker import EngineWatch, runpod_config, sigterm_self
 from tests.fakes import FakeEngine
 
 DIE = "__engine_dies_after_this__"

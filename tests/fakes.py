@@ -12,8 +12,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from handler.engine.interface import EngineCall, EngineReply, ModelInfo
 from handler.errors import EngineDead, EngineError
-from handler.protocol import EngineCall, EngineReply, ModelInfo
 
 TOKENS = ["The", " capital", " of", " France", " is", " Paris", "."]
 TEXT = "".join(TOKENS)

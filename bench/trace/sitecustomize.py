@@ -224,11 +224,11 @@ def _patch_scheduler(module: Any) -> None:
 
 
 _PATCHES: dict[str, Callable[[Any], None]] = {
-    "handler.local.jobstore": _patch_jobstore,
-    "handler.local.app": _patch_app,
+    "local_endpoint.jobstore": _patch_jobstore,
+    "local_endpoint.client_routes": _patch_app,
     "runpod.serverless.modules.rp_scale": _patch_rp_scale,
     "handler.job_loop": _patch_job_loop,
-    "handler.engine": _patch_engine,
+    "handler.engine.vllm_engine": _patch_engine,
     "handler.streaming": _patch_streaming,
     "handler.jobs": _patch_jobs,
     "vllm.v1.engine.async_llm": _patch_async_llm,

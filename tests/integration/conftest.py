@@ -22,30 +22,9 @@ from pathlib import Path
 import pytest
 
 from handler.settings import Settings, apply_process_environment, load_settings
-from tests.local_endpoint import LocalEndpoint, local_endpoint
+from local_endpoint.harness import ROOT, LocalEndpoint, local_endpoint, local_env
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL_ID = "SmolLM2-135M-Instruct"
 LORA = "smol-lora"
-TOOLS_TEMPLATE = ROOT / "configs" / "smollm2-tools.jinja"
-
-
-def local_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    # configs/local.env (CPU); scripts/gpu-smoke points WORKER_TEST_ENV at configs/gpu.env
-    path = Path(os.environ.get("WORKER_TEST_ENV") or ROOT / "configs" / "local.env")
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip()
-    model = os.environ.get("WORKER_TEST_MODEL")
-    if not model:
-        pytest.fail("WORKER_TEST_MODEL is not set: run the tests with `make test`")
-    env["MODEL_NAME"] = model
-    # as `make serve` runs the default model: its template with a tool section, from which the
-    # worker detects the hermes tool parser (scripts/in-env sets the same)
-    env["CHAT_TEMPLATE"] = str(TOOLS_TEMPLATE)
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +74,7 @@ def openai_endpoint(
 
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[object]:
-    from handler.engine import VllmEngine
+    from handler.engine.vllm_engine import VllmEngine
 
     vllm_engine = VllmEngine.start(settings)
     yield vllm_engine

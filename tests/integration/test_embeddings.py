@@ -16,7 +16,7 @@ import openai
 import pytest
 import runpod
 
-from tests.local_endpoint import LocalEndpoint, local_endpoint
+from local_endpoint.harness import LocalEndpoint, local_endpoint
 from tests.openrouter_schema import valid_for_openrouter
 
 pytestmark = pytest.mark.integration
@@ -108,11 +108,11 @@ def test_native_job_and_listing(rp: runpod.Endpoint, client: openai.OpenAI) -> N
     valid_for_openrouter(listing.model_dump())
     [card] = listing.data
     assert card.id == MODEL and card.model_extra is not None
-    assert (
-        card.model_extra["context_length"],
-        card.model_extra["supported_features"],
-        card.model_extra["output_modalities"],
-    ) == (256, [], ["embeddings"])
+    [text] = card.model_extra["input_modalities"]
+    assert text["supported_inputs"]["max_context_length"] == {"value": 256, "unit": "token"}
+    assert card.model_extra["output_modalities"] == [
+        {"type": "embeddings", "supported_parameters": {}}
+    ]
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert caught.value.body["message"] == (  # type: ignore[index]

@@ -14,10 +14,11 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from runpod.serverless.modules import rp_job
 
-from handler.engine import VllmEngine
+from handler.engine.vllm_engine import VllmEngine
 from handler.jobs import make_handler
 from handler.settings import Settings
-from tests.integration.conftest import LORA, MODEL_ID
+from local_endpoint.harness import MODEL_ID
+from tests.integration.conftest import LORA
 
 pytestmark = pytest.mark.integration
 

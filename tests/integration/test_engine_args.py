@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.engine import build_args
+from handler.engine.args import build_args
 from handler.settings import SettingsError, load_settings
 
 pytestmark = pytest.mark.integration

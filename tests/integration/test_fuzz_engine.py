@@ -25,11 +25,12 @@ from typing import Any
 import pytest
 from hypothesis import given
 
+from handler.engine.interface import Engine
 from handler.jobs import make_handler
-from handler.protocol import Engine
 from handler.settings import load_settings
+from local_endpoint.harness import MODEL_ID
 from tests.fuzz_inputs import check_outputs, fuzz_settings, job_inputs
-from tests.integration.conftest import LORA, MODEL_ID
+from tests.integration.conftest import LORA
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.local_endpoint import LocalEndpoint, local_endpoint
+from local_endpoint.harness import LocalEndpoint, local_endpoint
 
 pytestmark = pytest.mark.integration
 

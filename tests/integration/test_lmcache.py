@@ -19,8 +19,7 @@ import pytest
 import redis
 
 from handler.lmcache import free_port
-from tests.integration.conftest import MODEL_ID
-from tests.local_endpoint import LocalEndpoint, local_endpoint
+from local_endpoint.harness import MODEL_ID, LocalEndpoint, local_endpoint
 
 pytestmark = pytest.mark.integration
 

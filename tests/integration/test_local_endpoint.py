@@ -16,8 +16,8 @@ import openai
 import pytest
 import runpod
 
-from tests.integration.conftest import LORA, MODEL_ID, ROOT
-from tests.local_endpoint import ABORTED, KEY, LocalEndpoint
+from local_endpoint.harness import ABORTED, KEY, MODEL_ID, ROOT, LocalEndpoint
+from tests.integration.conftest import LORA
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MODEL_ID
-from tests.local_endpoint import ABORTED, KEY, LocalEndpoint
+from local_endpoint.harness import ABORTED, KEY, MODEL_ID, LocalEndpoint
 
 pytestmark = pytest.mark.integration
 

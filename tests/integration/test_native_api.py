@@ -14,7 +14,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from handler.engine import VllmEngine
+from handler.engine.vllm_engine import VllmEngine
 from handler.settings import Settings
 from tests.integration.conftest import LORA
 from tests.integration.samples import (
@@ -189,7 +189,7 @@ async def test_seeded_request_is_the_same_alone_or_beside_eight_others(
     engine: VllmEngine, settings: Settings
 ) -> None:
     """Holds in float32 (this engine); in bfloat16 the CPU kernels round differently with the
-    batch's shape and the texts part after a few tokens (see the README)."""
+    batch's shape and the texts part after a few tokens (docs/api.md, Reproducibility)."""
     sampled = {
         "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
         "sampling_params": {"temperature": 1.0, "seed": 1234, "max_tokens": 48},

@@ -1,5 +1,5 @@
 """The OpenAI surface, driven by the unmodified ``openai`` SDK through the local endpoint: every
-route and request feature the README lists, one-shot and streamed where OpenAI allows.
+route and request feature docs/api.md lists, one-shot and streamed where OpenAI allows.
 
 One real worker (``python -m handler`` under runpod's production loop, LMCache on) with the hermes
 tool parser and a random LoRA adapter. Answers come from SmolLM2-135M; where its words are not the
@@ -17,9 +17,11 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionTokenLogprob
 
+from handler import openrouter
 from handler.model_card import SAMPLING_PARAMETERS
 from handler.protocol import ROUTES
-from tests.integration.conftest import LORA, MODEL_ID
+from local_endpoint.harness import MODEL_ID, LocalEndpoint
+from tests.integration.conftest import LORA
 from tests.integration.samples import (
     ANSWER,
     CITY_SCHEMA,
@@ -31,7 +33,6 @@ from tests.integration.samples import (
     TOOLS,
     WEATHER,
 )
-from tests.local_endpoint import LocalEndpoint
 from tests.openrouter_schema import valid_for_openrouter
 
 pytestmark = pytest.mark.integration
@@ -85,19 +86,33 @@ def test_models_list_the_base_model_and_the_adapter_with_openrouter_fields(
     assert base.model_extra is not None
     # vLLM's root is the folder the weights came from: a worker's path is never shown
     assert (base.model_extra["root"], lora.model_extra["root"]) == (MODEL_ID, LORA)
+    parameters = {name: dict(openrouter.PARAMETERS[name]) for name in SAMPLING_PARAMETERS}
+    parameters["max_tokens"]["max"] = 2048
+    for feature in ("tools", "json_mode", "structured_outputs", "logprobs"):
+        parameters |= openrouter.FEATURE_PARAMETERS[feature]
     extra = {k: base.model_extra[k] for k in base.model_extra if k not in ("root", "permission")}
     assert extra == {
         "parent": None,
         "max_model_len": 2048,
+        "schema_version": "2.4",
         "name": MODEL_ID,
-        "context_length": 2048,
-        "max_output_length": 2048,
         "quantization": "bf16",
-        "input_modalities": ["text"],
-        "output_modalities": ["text"],
-        "pricing": {"prompt": "0", "completion": "0"},
-        "supported_sampling_parameters": list(SAMPLING_PARAMETERS),
-        "supported_features": ["tools", "json_mode", "structured_outputs", "logprobs"],
+        "input_modalities": [
+            {
+                "type": "text",
+                "supported_inputs": {"max_context_length": {"value": 2048, "unit": "token"}},
+                "pricing": [{"type": "prompt", "unit": "token", "cost_usd": "0"}],
+            }
+        ],
+        "output_modalities": [
+            {
+                "type": "text",
+                "max_length": {"value": 2048, "unit": "token"},
+                "streaming": True,
+                "supported_parameters": parameters,
+                "pricing": [{"type": "completion", "unit": "token", "cost_usd": "0"}],
+            }
+        ],
         "hugging_face_id": "",
     }
 

@@ -18,11 +18,11 @@ from typing import Any
 import psutil
 import pytest
 
-from handler.engine import VllmEngine
+from handler.engine.vllm_engine import VllmEngine
 from handler.jobs import make_handler
 from handler.lmcache import free_port
 from handler.settings import Settings
-from tests.integration.conftest import ROOT
+from local_endpoint.harness import ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -33,8 +33,7 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.conftest import MODEL_ID
-from tests.local_endpoint import LocalEndpoint
+from local_endpoint.harness import MODEL_ID, LocalEndpoint
 
 pytestmark = pytest.mark.integration
 

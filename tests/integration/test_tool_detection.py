@@ -21,11 +21,10 @@ import openai
 import pytest
 
 from handler import parsers
-from handler.engine import build_args
+from handler.engine.args import build_args
 from handler.settings import SettingsError, load_settings
-from tests.integration.conftest import MODEL_ID, ROOT, TOOLS_TEMPLATE
+from local_endpoint.harness import MODEL_ID, ROOT, TOOLS_TEMPLATE, LocalEndpoint, local_endpoint
 from tests.integration.samples import CITY_SCHEMA, HERMES_CALL, LOOSE_TOOLS, TOOLS, WEATHER
-from tests.local_endpoint import LocalEndpoint, local_endpoint
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,9 @@ import openai
 import pytest
 
 from handler.protocol import PUBLIC_ROUTES, REFUSED_ROUTES
-from tests.integration.conftest import MODEL_ID, ROOT
+from local_endpoint.harness import KEY, MODEL_ID, ROOT, LocalEndpoint, local_endpoint
 from tests.integration.samples import QUESTION as SENTENCE_QUESTION
 from tests.integration.test_embeddings import model_dir as minilm_dir
-from tests.local_endpoint import KEY, LocalEndpoint, local_endpoint
 from tests.openrouter_schema import valid_for_openrouter
 
 pytestmark = pytest.mark.integration
@@ -332,10 +331,9 @@ def test_a_cross_encoder_is_listed_as_a_reranker(scoring: LocalEndpoint) -> None
     code, listing = scoring.call("GET", "/openai/v1/models")
     assert code == 200, listing
     [card] = valid_for_openrouter(listing)["data"]
-    assert (card["id"], card["output_modalities"], card["supported_features"]) == (
+    assert (card["id"], card["output_modalities"]) == (
         SCORER,
-        ["rerank"],
-        [],
+        [{"type": "rerank", "supported_parameters": {}}],
     )
 
 

@@ -33,9 +33,8 @@ import pytest
 import redis
 
 from handler.lmcache import free_port
-from tests.integration.conftest import MODEL_ID
+from local_endpoint.harness import KEY, MODEL_ID, ROOT, LocalEndpoint
 from tests.integration.test_lmcache import cache_server, cached, document, full_chunks
-from tests.local_endpoint import KEY, ROOT, LocalEndpoint
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +108,7 @@ def traced(
     }
     command = [strace(), "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect,sendto,sendmsg"]
     command += ["-e", "signal=none", "-o", str(trace), "--", sys.executable, "-m"]
-    command += ["handler.local", "--port", "0", "--api-key", KEY, "--ready-file", str(ready)]
+    command += ["local_endpoint", "--port", "0", "--api-key", KEY, "--ready-file", str(ready)]
     with log.open("wb") as out:
         tracer = subprocess.Popen(
             command,

@@ -21,12 +21,12 @@ from typing import Any
 import openai
 import pytest
 
-from handler.engine import VllmEngine
+from handler.engine.vllm_engine import VllmEngine
 from handler.settings import Settings
-from tests.integration.conftest import LORA, MODEL_ID
+from local_endpoint.harness import MODEL_ID, LocalEndpoint
+from tests.integration.conftest import LORA
 from tests.integration.samples import CITY_SCHEMA, QUESTION
 from tests.integration.test_engine import run
-from tests.local_endpoint import LocalEndpoint
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.engine import build_args
+from handler.engine.args import build_args
 from handler.settings import load_settings
 
 pytestmark = pytest.mark.integration

@@ -9,14 +9,15 @@ import time
 
 import pytest
 
+from handler.cold_start import ColdStart, process_age_s
 from handler.settings import load_settings
-from handler.worker import ColdStart, process_age_s, runpod_config
+from handler.worker import runpod_config
 
 
 def test_phases_timed_elsewhere_count_from_the_launch(caplog: pytest.LogCaptureFixture) -> None:
     ticks = iter([10.0, 14.5, 15.0, 45.0, 46.0])
     cold = ColdStart(clock=lambda: next(ticks), started=8.0)  # launched 2 s before the clock's 10
-    caplog.set_level("INFO", logger="handler.worker")
+    caplog.set_level("INFO", logger="handler.cold_start")
     cold.record("interpreter and imports", 2.0)
     with cold.phase("model location"):  # 10.0 -> 14.5
         pass

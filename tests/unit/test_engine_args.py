@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from handler.engine import owned_args, parser_error, passthrough_args
+from handler.engine.args import owned_args, parser_error, passthrough_args
 from handler.settings import SettingsError, load_settings
 
 

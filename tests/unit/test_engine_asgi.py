@@ -21,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from handler.engine import VllmEngine, _Lifespan, _Opened, _validation_answer
+from handler.engine.asgi import Lifespan, validation_answer
+from handler.engine.interface import EngineCall
+from handler.engine.vllm_engine import VllmEngine, _Opened
 from handler.errors import EngineError, InvalidRequest, NotFound, error_body
-from handler.protocol import EngineCall
 from tests.fakes import INFO
 
 # body chunks that cut an event in two, and a two-byte UTF-8 character ("é") in two
@@ -227,7 +228,7 @@ def typed_app() -> FastAPI:
     """A FastAPI app with a typed body and the handler the engine puts on vLLM's app for
     request validation errors."""
     app = FastAPI()
-    app.add_exception_handler(RequestValidationError, _validation_answer)
+    app.add_exception_handler(RequestValidationError, validation_answer)
 
     @app.post("/typed")
     async def typed(body: TypedBody) -> dict[str, str]:
@@ -267,7 +268,7 @@ async def test_the_apps_lifespan_runs_as_a_server_runs_it() -> None:
         yield
         seen.append("shutdown")
 
-    lifespan_of = _Lifespan(Starlette(lifespan=lifespan))
+    lifespan_of = Lifespan(Starlette(lifespan=lifespan))
     await lifespan_of.start()
     assert seen == ["startup"]
     await lifespan_of.stop()
@@ -281,4 +282,4 @@ async def test_a_lifespan_that_fails_to_start_stops_the_engine_start() -> None:
         yield
 
     with pytest.raises(RuntimeError, match=r"did not start: ValueError\('no stats logger'\)"):
-        await _Lifespan(Starlette(lifespan=lifespan)).start()
+        await Lifespan(Starlette(lifespan=lifespan)).start()

@@ -10,10 +10,10 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from handler import settings as settings_module
+from handler.cold_start import ErrorSummary
 from handler.lmcache import server_environment, store_credentials
 from handler.metrics import served_registry
 from handler.settings import load_settings, single_node
-from handler.worker import ErrorSummary
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""RunPod Hub files: the form's inputs are exactly the settings a deployment chooses, and the
-committed hub.json is what builder/runpod_hub.py writes from the settings module."""
+"""RunPod Hub files: the form's inputs are exactly the settings a deployment chooses, with the
+settings' own defaults and descriptions, and the committed hub.json is what builder/runpod_hub.py
+writes from the settings module (the docs page: tests/unit/test_settings_doc.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 
 from builder.runpod_hub import render
-from handler.settings import deployment_names, env_names, load_settings
+from handler.settings import Settings, deployment_names, env_names, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 HUB = ROOT / ".runpod" / "hub.json"
@@ -27,6 +28,19 @@ def test_hub_inputs_are_the_deployment_settings() -> None:
 
 def test_hub_json_is_generated_from_the_settings() -> None:
     assert HUB.read_text() == render(), "run: python builder/runpod_hub.py"
+
+
+def test_form_defaults_and_descriptions_are_the_settings() -> None:
+    fields = {field.alias: field for field in Settings.model_fields.values() if field.alias}
+    hub = json.loads(HUB.read_text())
+    wrong = []
+    for item in hub["config"]["env"]:
+        field, form = fields[item["key"]], item["input"]
+        default = field.get_default(call_default_factory=True)
+        expected = None if default in (None, "") else default
+        if form.get("default") != expected or form["description"] != field.description:
+            wrong.append(item["key"])
+    assert wrong == [], "run: python builder/runpod_hub.py"
 
 
 def test_every_default_in_the_form_is_a_valid_setting() -> None:

@@ -60,7 +60,8 @@ async def test_models_route_adds_the_openrouter_fields(
 ) -> None:
     outputs = await run(engine, settings, {"openai_route": "/v1/models"})
     assert outputs == [describe_models(MODELS, settings, engine.model_info)]
-    assert outputs[0]["data"][0]["context_length"] == 2048
+    [text] = outputs[0]["data"][0]["input_modalities"]
+    assert text["supported_inputs"]["max_context_length"] == {"value": 2048, "unit": "token"}
 
 
 async def test_native_batch_keeps_order_with_an_error_in_place(

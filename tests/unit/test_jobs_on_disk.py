@@ -13,7 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.local_endpoint import LocalEndpoint, fake_endpoint
+from local_endpoint.harness import LocalEndpoint
+from tests.fake_endpoint import fake_endpoint
 
 PAUSE_S = 0.5  # per streamed event: a job runs about 5 s
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from handler.local.jobstore import Job, JobStore, Limits, NotRetryable, Observer, Status
-from handler.local.relay import (
+from local_endpoint.jobstore import Job, JobStore, Limits, NotRetryable, Observer, Status
+from local_endpoint.relay import (
     job_failure,
     one_shot_output,
     openai_job_input,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.engine import owned_args
+from handler.engine.args import owned_args
 from handler.lmcache import (
     Ports,
     auto_l1_size_gb,

@@ -21,8 +21,9 @@ import psutil
 import pytest
 import runpod
 
+from local_endpoint.harness import ABORTED, LocalEndpoint, local_endpoint
+from tests.fake_endpoint import fake_endpoint
 from tests.fakes import TEXT
-from tests.local_endpoint import ABORTED, LocalEndpoint, fake_endpoint, local_endpoint
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PAUSE_S = 0.25  # per streamed event: a fake stream lasts about 2.5 s, long enough to cancel
@@ -275,7 +276,7 @@ def test_unknown_routes_and_endpoints_get_openai_errors(endpoint: LocalEndpoint)
 def test_a_busy_port_is_a_clear_error(endpoint: LocalEndpoint) -> None:
     port = endpoint.url.rsplit(":", 1)[1]
     run = subprocess.run(
-        [sys.executable, "-m", "handler.local", "--port", port, "--workers", "0"],
+        [sys.executable, "-m", "local_endpoint", "--port", port, "--workers", "0"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,6 +1,6 @@
 """Fuzz of the local endpoint (issue 14): raw bodies with what JSON text can hold but a worker
 cannot be sent (``NaN``, ``Infinity``, lone UTF-16 surrogates, deep nesting), mixed into random
-JSON, posted as bytes to ``/run`` and the OpenAI route of ``python -m handler.local`` with a
+JSON, posted as bytes to ``/run`` and the OpenAI route of ``python -m local_endpoint`` with a
 fake-engine worker. Every request ends within :data:`DEADLINE_S`: refused at submission with a
 4xx OpenAI error, or a job that reaches COMPLETED or FAILED (an OpenAI route answer, error or
 not); nothing is left queued or running."""
@@ -17,9 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handler.local.app import MAX_JSON_DEPTH
+from local_endpoint.bodies import MAX_JSON_DEPTH
+from local_endpoint.harness import KEY, LocalEndpoint
+from tests.fake_endpoint import fake_endpoint
 from tests.fuzz_inputs import fuzz_settings
-from tests.local_endpoint import KEY, LocalEndpoint, fake_endpoint
 
 # a tenth of the handler fuzz's count (each example is a few HTTP round trips), 20 to 100
 ENDPOINT_EXAMPLES = max(20, min(100, int(os.environ.get("FUZZ_EXAMPLES", "10000")) // 10))

@@ -1,5 +1,5 @@
 """Issue 14, local endpoint: what hostile input, killed processes and leaving clients found,
-driven from outside: HTTP against ``python -m handler.local`` with fake-engine workers (runpod's
+driven from outside: HTTP against ``python -m local_endpoint`` with fake-engine workers (runpod's
 real production loop in real processes)."""
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import openai
 import psutil
 import pytest
 
-from handler.local.app import MAX_JSON_DEPTH, encode_taken
-from handler.local.jobstore import JobStore, Status
+from local_endpoint.bodies import MAX_JSON_DEPTH
+from local_endpoint.harness import KEY, LocalEndpoint
+from local_endpoint.jobstore import JobStore, Status
+from local_endpoint.worker_routes import encode_taken
+from tests.fake_endpoint import fake_endpoint
 from tests.fake_worker import DIES_IN
 from tests.fakes import TEXT
-from tests.local_endpoint import KEY, LocalEndpoint, fake_endpoint
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SLOW_S = 5.0  # a one-shot request's time in the fake engine

@@ -9,8 +9,8 @@ import pytest
 from openai.types import Model
 
 from handler import openrouter
+from handler.engine.interface import ModelInfo
 from handler.model_card import default_hub_id, describe_models
-from handler.protocol import ModelInfo
 from handler.settings import SettingsError, load_settings
 from tests.openrouter_schema import valid_for_openrouter
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from handler.engine.interface import EngineCall
 from handler.errors import EngineError
-from handler.protocol import EngineCall
 from handler.streaming import (
     Pacer,
     carries_output,

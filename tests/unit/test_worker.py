@@ -4,8 +4,9 @@ import threading
 
 import pytest
 
+from handler.cold_start import ColdStart
 from handler.settings import load_settings
-from handler.worker import ColdStart, EngineWatch, runpod_config
+from handler.worker import EngineWatch, runpod_config
 
 
 def test_runpod_config_from_settings() -> None:
@@ -53,7 +54,7 @@ def test_process_defaults_keep_values_already_set(monkeypatch: pytest.MonkeyPatc
 def test_cold_start_phases_are_timed_and_summed(caplog: pytest.LogCaptureFixture) -> None:
     ticks = iter([0.0, 1.0, 1.5, 2.0, 32.0, 33.0])
     cold = ColdStart(clock=lambda: next(ticks))
-    caplog.set_level("INFO", logger="handler.worker")
+    caplog.set_level("INFO", logger="handler.cold_start")
     with cold.phase("model location"):
         pass
     with cold.phase("engine"):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from handler.engine import owned_args
+from handler.engine.args import owned_args
 from handler.settings import (
     SettingsError,
     load_settings,

@@ -3,14 +3,7 @@ made-up cells and marks (the benchmarks themselves need engines: ``make bench``)
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import burst_timeline  # noqa: E402
-import load  # noqa: E402
+from bench import burst_timeline, load
 
 WORKER = load.WORKER
 

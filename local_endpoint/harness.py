@@ -1,4 +1,6 @@
-"""Start ``python -m handler.local`` as a process for a test session, talk to it, stop it.
+"""The harness that tests and benchmarks drive the local endpoint with: start ``python -m
+local_endpoint`` as a process with workers on the default model (:func:`local_env`), talk to it
+(HTTP, the OpenAI SDK, runpod's client), wait for what it reports, stop it.
 
 Stopping checks what the issue promises: exit status 0 and no process left of those the endpoint
 started (workers, vLLM engine processes, runpod's ping process).
@@ -20,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openai
 import psutil
 import runpod
+from openai import AsyncOpenAI, OpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
+MODEL_ID = "SmolLM2-135M-Instruct"  # the default model's served name
+TOOLS_TEMPLATE = ROOT / "configs" / "smollm2-tools.jinja"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 ABORTED = "cancelled; its engine request was aborted"  # a worker's log line for a stopped job
 
@@ -159,18 +163,37 @@ class LocalEndpoint:
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
-    def openai(self) -> openai.OpenAI:
+    def openai(self) -> OpenAI:
         """The unmodified OpenAI SDK, pointed at the endpoint's OpenAI route."""
-        return openai.OpenAI(base_url=self.openai_base, api_key=self.key, max_retries=0)
+        return OpenAI(base_url=self.openai_base, api_key=self.key, max_retries=0)
 
-    def async_openai(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.openai_base, api_key=self.key, max_retries=0)
+    def async_openai(self) -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=self.openai_base, api_key=self.key, max_retries=0)
 
     def runpod(self) -> runpod.Endpoint:
         """runpod's own client, with its base URL pointed here (a module-wide setting)."""
         runpod.api_key = self.key
         runpod.endpoint_url_base = f"{self.url}/v2"
         return runpod.Endpoint("local")
+
+
+def local_env() -> dict[str, str]:
+    """The worker settings of ``make serve`` on the default model: configs/local.env
+    (scripts/gpu-smoke points WORKER_TEST_ENV at configs/gpu.env), the converted model that
+    scripts/in-env points WORKER_TEST_MODEL at, and its chat template with a tool section, from
+    which the worker detects the hermes tool parser (scripts/in-env sets the same)."""
+    env: dict[str, str] = {}
+    path = Path(os.environ.get("WORKER_TEST_ENV") or ROOT / "configs" / "local.env")
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    model = os.environ.get("WORKER_TEST_MODEL")
+    if not model:
+        raise RuntimeError("WORKER_TEST_MODEL is not set: run this through `make` (scripts/in-env)")
+    env["MODEL_NAME"] = model
+    env["CHAT_TEMPLATE"] = str(TOOLS_TEMPLATE)
+    return env
 
 
 @contextlib.contextmanager
@@ -183,7 +206,7 @@ def local_endpoint(
     """The endpoint with ``args`` (``--workers``, ``--worker-module``, ...), key :data:`KEY`."""
     ready = tmp / "ready.json"
     log = tmp / "local-endpoint.log"
-    command = [sys.executable, "-m", "handler.local", "--port", "0", "--api-key", KEY]
+    command = [sys.executable, "-m", "local_endpoint", "--port", "0", "--api-key", KEY]
     command += ["--ready-file", str(ready), *args]
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -203,23 +226,6 @@ def local_endpoint(
         yield endpoint
     finally:
         stop(endpoint)
-
-
-def fake_endpoint(
-    tmp: Path, pause: float, *args: str, **env: str
-) -> contextlib.AbstractContextManager[LocalEndpoint]:
-    """The endpoint with fake-engine workers (``tests.fake_worker``, ``pause`` seconds per
-    streamed event) under runpod's real loop, a 5 s job-take hold, and ``args``."""
-    return local_endpoint(
-        tmp,
-        {"FAKE_ENGINE_PAUSE": str(pause), "STREAM_FLUSH_INTERVAL_MS": "0", **env},
-        "--worker-module",
-        "tests.fake_worker",
-        "--take-timeout-s",
-        "5",
-        *args,
-        start_timeout=60,
-    )
 
 
 def stop(endpoint: LocalEndpoint, timeout: float = 120) -> None:

@@ -1,1 +1,0 @@
-"""A local stand-in for RunPod serverless: ``python -m handler.local`` (``make serve``)."""
