@@ -134,7 +134,7 @@ def server_command(
     """``lmcache server`` arguments; RESP stores listed in ``without`` are left out. With
     ``shm``, the RAM tier is a shared-memory segment the engine reads and writes directly;
     without it, KV data crosses the socket pickled (slower hits, but a server that dies
-    mid-request costs a recompute instead of the engine; see the README)."""
+    mid-request costs a recompute instead of the engine; see docs/kv-cache.md)."""
     argv = [
         sys.executable,
         "-m",

@@ -58,7 +58,7 @@ LOCAL_ONLY: dict[str, str] = {
     "RUNPOD_SKIP_GPU_CHECK": "true",
 }
 # Stream POSTs a second, over all streams, when STREAM_POSTS_PER_S is unset. On a GPU a POST
-# costs CPU nothing the model needs; on CPU it stalls the model's step (make bench, README).
+# costs CPU nothing the model needs; on CPU it stalls the model's step (docs/measurements.md).
 GPU_STREAM_POSTS_PER_S = 100.0
 CPU_STREAM_POSTS_PER_S = 40.0
 
@@ -199,7 +199,8 @@ class Settings(BaseModel):
         None,
         alias="KV_CACHE_GB",
         gt=0,
-        description="KV cache size in GiB; unset: vLLM's default (GPU_MEMORY_UTILIZATION on GPU).",
+        description="KV cache size in GiB (vLLM's --kv-cache-memory-bytes); unset: vLLM's "
+        "default (GPU_MEMORY_UTILIZATION on GPU).",
     )
     vllm_config_file: str | None = Field(
         None,
@@ -208,7 +209,10 @@ class Settings(BaseModel):
         "over its keys.",
     )
     max_concurrency: int = Field(
-        32, alias="MAX_CONCURRENCY", gt=0, description="Jobs one worker runs at once."
+        32,
+        alias="MAX_CONCURRENCY",
+        gt=0,
+        description="Jobs one worker runs at once (runpod's concurrency modifier).",
     )
     default_max_tokens: int = Field(
         512,
@@ -238,7 +242,8 @@ class Settings(BaseModel):
         description="Most stream POSTs per second the worker makes over all its streams: with "
         "many streams at once each one's chunks are merged for longer (streams / this, when "
         "longer than STREAM_FLUSH_INTERVAL_MS). Unset: 100 when the model runs on a GPU, 40 on "
-        "CPU, where every POST takes CPU time from the model. 0: no limit.",
+        "CPU, where every POST (and, locally, the receiving end's work on the same cores) takes "
+        "CPU time from the model. 0: no limit.",
     )
     shutdown_grace_s: float = Field(
         30.0,
@@ -255,7 +260,10 @@ class Settings(BaseModel):
         "their errors before it exits non-zero.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", alias="LOG_LEVEL", description="Log level of the worker's own logger."
+        "INFO",
+        alias="LOG_LEVEL",
+        description="Log level of the worker's own logger (runpod's: RUNPOD_DEBUG_LEVEL, "
+        "defaulted to INFO).",
     )
     lmcache_enabled: bool = Field(
         True,
@@ -270,7 +278,10 @@ class Settings(BaseModel):
         "may use, between 1 and 64.",
     )
     lmcache_chunk_size: int = Field(
-        256, alias="LMCACHE_CHUNK_SIZE", gt=0, description="Tokens per cached KV chunk."
+        256,
+        alias="LMCACHE_CHUNK_SIZE",
+        gt=0,
+        description="Tokens per cached KV chunk; every worker sharing a store must use the same.",
     )
     lmcache_eviction_policy: Literal["LRU", "ARC", "IsolatedLRU"] = Field(
         "LRU", alias="LMCACHE_EVICTION_POLICY", description="Eviction policy of the RAM tier."
@@ -290,7 +301,8 @@ class Settings(BaseModel):
     lmcache_l2_adapters: str | None = Field(
         None,
         alias="LMCACHE_L2_ADAPTERS",
-        description="Extra L2 adapters as a JSON list of LMCache `--l2-adapter` objects.",
+        description="Extra L2 adapters as a JSON list of LMCache `--l2-adapter` objects "
+        "(mooncake_store, nixl_store, ...).",
     )
     lmcache_server_args: str = Field(
         "",
@@ -315,7 +327,8 @@ class Settings(BaseModel):
         alias="LORA_MODULES",
         description="LoRA adapters loaded at cold start and chosen per request by `model`: "
         "`name=path_or_repo` pairs separated by spaces, or a JSON list of "
-        '`{"name", "path", "base_model_name"}` objects. Adapters above rank 16 need MAX_LORA_RANK.',
+        '`{"name", "path", "base_model_name"}` objects. Turns on --enable-lora with one slot per '
+        "adapter (MAX_LORAS overrides); adapters above rank 16 need MAX_LORA_RANK.",
     )
     max_batch_requests: int = Field(
         64,
@@ -344,8 +357,10 @@ class Settings(BaseModel):
         None,
         alias="MODEL_QUANTIZATION",
         description="`quantization` in /v1/models, one of OpenRouter's (int4, int8, fp4, mxfp4, "
-        "nvfp4, fp6, fp8, mxfp8, fp16, bf16, fp32); default: from the engine's quantization "
-        "method or weight dtype, left out when neither says.",
+        "nvfp4, fp6, fp8, mxfp8, fp16, bf16, fp32); default: from vLLM's quantization method "
+        "(awq/awq_marlin/gptq/gptq_marlin int4, fp8 fp8, mxfp4, modelopt_fp4 nvfp4, ...) or the "
+        "weight dtype; left out for a method whose format depends on the checkpoint "
+        "(compressed-tensors, gguf, bitsandbytes, modelopt): set it then.",
     )
     input_modalities: str | None = Field(
         None,
@@ -380,13 +395,15 @@ class Settings(BaseModel):
         alias="MODEL_CREATED",
         ge=0,
         description="`created` in /v1/models (Unix seconds); default: when the worker started. "
-        "Set it for a listing that every worker answers the same.",
+        "The same in every answer (vLLM stamps each answer with its own time); set it for a "
+        "listing that every worker answers the same.",
     )
     supported_sampling_parameters: str | None = Field(
         None,
         alias="SUPPORTED_SAMPLING_PARAMETERS",
-        description="`supported_sampling_parameters` in /v1/models, comma-separated; default: "
-        "every OpenRouter sampling parameter vLLM takes.",
+        description="`supported_sampling_parameters` in /v1/models, comma-separated, OpenRouter's "
+        "names only (logprobs is a feature there); default: every OpenRouter sampling parameter "
+        "vLLM takes.",
     )
     supported_features: str | None = Field(
         None,
@@ -400,7 +417,9 @@ class Settings(BaseModel):
         alias="WORKER_METRICS_PORT",
         ge=0,
         le=65535,
-        description="Serve Prometheus metrics (vLLM's own and the worker's) on this port; 0: off.",
+        description="Serve Prometheus metrics (vLLM's own, plus "
+        "worker_engine_running_requests) on this port; 0: off. The local endpoint sets it per "
+        "worker.",
     )
     metrics_host: str = Field(
         "127.0.0.1", alias="WORKER_METRICS_HOST", description="Address of the metrics server."
@@ -449,7 +468,7 @@ class Settings(BaseModel):
         None,
         alias="ENABLE_AUTO_TOOL_CHOICE",
         description="Let the model call tools on its own (tool_choice auto); unset: on when a "
-        "tool parser is set or detected.",
+        "tool parser is set or detected; false keeps the parser for required and named calls only.",
     )
     tool_call_parser: str = Field(
         "auto",
@@ -487,13 +506,14 @@ class Settings(BaseModel):
         alias="COMPILE_CACHE_DIR",
         description="Folder on the network volume for vLLM's compile cache (torch.compile), so "
         "later workers of the endpoint load what the first compiled; used when its parent is "
-        "mounted and it is writable, otherwise the cache stays in the container. Blank: off.",
+        "mounted and it is writable with 1 GiB free, otherwise the cache stays in the container "
+        "and the log says why. Blank: off.",
     )
     vllm_cache_root: str | None = Field(
         None,
         alias="VLLM_CACHE_ROOT",
         description="vLLM's own cache folder; when set it is used as it is, and "
-        "COMPILE_CACHE_DIR is not.",
+        "COMPILE_CACHE_DIR is not; unset: vLLM's (~/.cache/vllm).",
     )
     hf_token: SecretStr | None = Field(
         None,
@@ -504,15 +524,16 @@ class Settings(BaseModel):
         4.0,
         alias="RUNPOD_MIN_MEMORY_GB",
         ge=0,
-        description="Free memory runpod's start-up check asks for; LMCache's default RAM tier "
-        "leaves it free.",
+        description="Set by RunPod's SDK: free memory its start-up check asks for; LMCache's "
+        "default RAM tier leaves it (and 8 GiB for the engine) free.",
         json_schema_extra=PLATFORM,
     )
     runpod_webhook_get_job: str | None = Field(
         None,
         alias="RUNPOD_WEBHOOK_GET_JOB",
         description="Set by RunPod in production. Without it (and without --rp_serve_api or "
-        "RUNPOD_REALTIME_PORT) `python -m handler` runs test_input.json and exits.",
+        "RUNPOD_REALTIME_PORT) `python -m handler` runs test_input.json (or "
+        "--test_input '<json>') and exits.",
         json_schema_extra=PLATFORM,
     )
     runpod_realtime_port: int = Field(
