@@ -351,7 +351,7 @@ class Settings(BaseModel):
         None,
         alias="MAX_OUTPUT_LENGTH",
         gt=0,
-        description="`max_output_length` in /v1/models; default: the context length.",
+        description="The text output's `max_length` in /v1/models; default: the context length.",
     )
     model_quantization: str | None = Field(
         None,
@@ -365,30 +365,31 @@ class Settings(BaseModel):
     input_modalities: str | None = Field(
         None,
         alias="INPUT_MODALITIES",
-        description="`input_modalities` in /v1/models, comma-separated; default: text (and "
-        "image for a multimodal model).",
+        description="The `input_modalities` types in /v1/models, comma-separated; default: text "
+        "(and image for a multimodal model).",
     )
     output_modalities: str | None = Field(
         None,
         alias="OUTPUT_MODALITIES",
-        description="`output_modalities` in /v1/models, comma-separated; default: text for a "
-        "generating model, embeddings for an embedding model, rerank for a scoring model.",
+        description="The `output_modalities` types in /v1/models, comma-separated; default: text "
+        "for a generating model, embeddings for an embedding model, rerank for a scoring model.",
     )
     pricing_prompt: str = Field(
         "0",
         alias="PRICING_PROMPT",
-        description="`pricing.prompt` in /v1/models: USD per prompt token, a decimal string.",
+        description="The text input's `prompt` price in /v1/models: USD per prompt token, a "
+        "decimal string.",
     )
     pricing_completion: str = Field(
         "0",
         alias="PRICING_COMPLETION",
-        description="`pricing.completion` in /v1/models: USD per generated token.",
+        description="The text output's `completion` price in /v1/models: USD per generated token.",
     )
     pricing_input_cache_read: str | None = Field(
         None,
         alias="PRICING_INPUT_CACHE_READ",
-        description="`pricing.input_cache_read` in /v1/models: USD per prompt token served from "
-        "the KV cache (vLLM's prefix cache or LMCache); default: not listed.",
+        description="The text input's `cached_prompt` price in /v1/models: USD per prompt token "
+        "served from the KV cache (vLLM's prefix cache or LMCache); default: not listed.",
     )
     model_created: int | None = Field(
         None,
@@ -401,16 +402,17 @@ class Settings(BaseModel):
     supported_sampling_parameters: str | None = Field(
         None,
         alias="SUPPORTED_SAMPLING_PARAMETERS",
-        description="`supported_sampling_parameters` in /v1/models, comma-separated, OpenRouter's "
-        "names only (logprobs is a feature there); default: every OpenRouter sampling parameter "
-        "vLLM takes.",
+        description="The sampling parameters the text output's `supported_parameters` describe in "
+        "/v1/models, comma-separated, OpenRouter's names only (logprobs is a feature there); "
+        "default: every OpenRouter sampling parameter vLLM takes.",
     )
     supported_features: str | None = Field(
         None,
         alias="SUPPORTED_FEATURES",
-        description="`supported_features` in /v1/models, comma-separated; default: from the "
-        "engine (tools when a tool parser is set, json_mode, structured_outputs, logprobs, "
-        "reasoning when a reasoning parser is set).",
+        description="The features the text output's `supported_parameters` describe in /v1/models "
+        "(tools, json_mode, logprobs, ... as their request parameters), comma-separated; default: "
+        "from the engine (tools when a tool parser is set, json_mode, structured_outputs, "
+        "logprobs, reasoning when a reasoning parser is set).",
     )
     metrics_port: int = Field(
         0,
