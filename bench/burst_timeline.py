@@ -98,8 +98,10 @@ def burst_steps(marks: list[dict[str, Any]], requests: dict[str, dict[str, float
             bursts[tag.rsplit("-", 1)[0]].append(times[first])
     steps = sorted(m["t"] for m in marks if m["hop"] == "engine core: step")
     shapes = []
-    for times in bursts.values():
-        counts = [sum(1 for t in times if t == s) for s in steps if min(times) <= s <= max(times)]
+    for starts in bursts.values():
+        counts = [
+            sum(1 for t in starts if t == s) for s in steps if min(starts) <= s <= max(starts)
+        ]
         shapes.append("+".join(str(c) for c in counts))
     return shapes
 

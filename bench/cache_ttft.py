@@ -86,7 +86,9 @@ def documents(settings: Settings, count: int, tokens: int) -> list[str]:
             for i in range(tokens // 10)
         )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
-        docs.append(tokenizer.decode(ids))
+        doc = tokenizer.decode(ids)
+        assert isinstance(doc, str)  # one sequence of ids decodes to one text
+        docs.append(doc)
     return docs
 
 

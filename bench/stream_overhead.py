@@ -15,6 +15,7 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ async def measure(
     engine: Any, settings_on: Any, settings_off: Any, ids: list[int], repeats: int
 ) -> dict[str, list[dict[str, float]]]:
     runs: dict[str, list[dict[str, float]]] = {}
-    cases = [
+    cases: list[tuple[str, Callable[[], Awaitable[dict[str, float]]]]] = [
         ("bare AsyncLLM", lambda: bare_stream(engine, ids)),
         ("handler, coalescing on, POST 0 ms", lambda: handler_stream(engine, settings_on, ids, 0)),
         (

@@ -36,6 +36,7 @@ def _stream(
     call: EngineCall, prefix: str, obj: str, choices: list[dict[str, Any]], generated: int
 ) -> list[str]:
     """vLLM's SSE framing: one chunk per choice, a usage chunk when asked, then [DONE]."""
+    assert call.body is not None  # a streamed request is a POST with a body
     head = {
         "id": f"{prefix}-{call.request_id}",
         "object": obj,
@@ -86,6 +87,7 @@ def completion_events(call: EngineCall, tokens: list[str] = TOKENS) -> list[str]
 
 
 def chat_response(call: EngineCall) -> dict[str, Any]:
+    assert call.body is not None  # a chat request is a POST with a body
     return {
         "id": f"chatcmpl-{call.request_id}",
         "object": "chat.completion",
@@ -171,6 +173,7 @@ class FakeEngine:
             raise EngineDead()
         if call.route == "/v1/models":
             return MODELS
+        assert call.body is not None  # every other route the fake serves is a POST with a body
         if call.body.get("model") != "fake-model":
             raise EngineError(
                 f"The model `{call.body.get('model')}` does not exist.",

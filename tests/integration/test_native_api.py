@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jsonschema
@@ -98,7 +99,7 @@ async def test_structured_outputs(engine: VllmEngine, settings: Settings) -> Non
         },
     )
     jsonschema.validate(json.loads(person["choices"][0]["message"]["content"]), PERSON_SCHEMA)
-    constraints = {
+    constraints: dict[str, tuple[dict[str, Any], Callable[[str], object]]] = {
         "choice": ({"choice": ["yes", "no"]}, {"yes", "no"}.__contains__),
         "regex": ({"regex": r"[0-9]{3}-[0-9]{4}"}, re.compile(r"[0-9]{3}-[0-9]{4}").fullmatch),
         "grammar": (

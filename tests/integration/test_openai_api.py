@@ -376,7 +376,7 @@ def test_responses_api_one_shot_and_streamed(client: openai.OpenAI) -> None:
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == ANSWER
-    assert events[-1].response.output_text == ANSWER  # type: ignore[union-attr]
+    assert events[-1].response.output_text == ANSWER
 
 
 def test_unknown_route_is_a_404_listing_the_routes(client: openai.OpenAI) -> None:

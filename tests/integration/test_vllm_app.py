@@ -19,6 +19,8 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from handler.protocol import PUBLIC_ROUTES, REFUSED_ROUTES
 from local_endpoint.harness import KEY, MODEL_ID, ROOT, LocalEndpoint, local_endpoint
@@ -28,7 +30,12 @@ from tests.openrouter_schema import valid_for_openrouter
 
 pytestmark = pytest.mark.integration
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
+CLAUDE_QUESTION: list[MessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
 SCORER = "tiny-scorer"
 # Anthropic's SDK has no temperature parameter (any more); vLLM's Messages API takes one
 GREEDY = {"temperature": 0}
@@ -65,7 +72,7 @@ def test_anthropic_messages_one_shot_with_a_system_prompt(claude: anthropic.Anth
     message = claude.messages.create(
         model=MODEL_ID,
         system="You answer in one short sentence.",
-        messages=QUESTION,  # type: ignore[arg-type]
+        messages=CLAUDE_QUESTION,
         max_tokens=24,
         extra_body=GREEDY,
     )
@@ -116,10 +123,10 @@ def test_anthropic_stop_sequences(claude: anthropic.Anthropic) -> None:
 
 
 def test_anthropic_count_tokens_matches_the_prompt_tokens(claude: anthropic.Anthropic) -> None:
-    counted = claude.messages.count_tokens(model=MODEL_ID, messages=QUESTION)  # type: ignore[arg-type]
+    counted = claude.messages.count_tokens(model=MODEL_ID, messages=CLAUDE_QUESTION)
     message = claude.messages.create(
         model=MODEL_ID,
-        messages=QUESTION,  # type: ignore[arg-type]
+        messages=CLAUDE_QUESTION,
         max_tokens=1,
     )
     assert counted.input_tokens == message.usage.input_tokens > 0
@@ -127,7 +134,7 @@ def test_anthropic_count_tokens_matches_the_prompt_tokens(claude: anthropic.Anth
 
 def test_anthropic_errors_raise_the_sdks_exceptions(claude: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.NotFoundError) as missing:
-        claude.messages.create(model="no-such-model", messages=QUESTION, max_tokens=4)  # type: ignore[arg-type]
+        claude.messages.create(model="no-such-model", messages=CLAUDE_QUESTION, max_tokens=4)
     assert missing.value.status_code == 404
     assert missing.value.body == {
         "type": "error",
@@ -172,12 +179,14 @@ def test_client_mistakes_are_400s_not_500s(endpoint: LocalEndpoint, client: open
         "param": "prompt",
         "code": 400,
     }
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    tools: list[ChatCompletionToolParam] = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    ]
     with pytest.raises(openai.BadRequestError) as unknown_tool:
         client.chat.completions.create(
             model=MODEL_ID,
-            messages=QUESTION,  # type: ignore[arg-type]
-            tools=tools,  # type: ignore[arg-type]
+            messages=QUESTION,
+            tools=tools,
             tool_choice={"type": "function", "function": {"name": "get_time"}},
         )
     assert unknown_tool.value.body == {

@@ -206,7 +206,8 @@ def _sampled(client: openai.OpenAI, kind: str, stream: bool, extra: dict[str, An
         chunks = client.chat.completions.create(messages=QUESTION, stream=True, **common)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     if not stream:
-        return client.completions.create(prompt="Answer: ", **common).choices[0].text
+        text: str = client.completions.create(prompt="Answer: ", **common).choices[0].text
+        return text
     pieces = client.completions.create(prompt="Answer: ", stream=True, **common)
     return "".join(c.choices[0].text for c in pieces if c.choices)
 

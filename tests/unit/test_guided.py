@@ -11,9 +11,10 @@ import pytest
 from handler.errors import InvalidRequest
 from handler.guided import translate_guided
 from handler.jobs import make_handler
-from handler.protocol import parse_job, to_engine_call
+from handler.protocol import to_engine_call
 from handler.settings import Settings
 from tests.fakes import FakeEngine
+from tests.jobs import parse_single
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
 CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
@@ -152,13 +153,13 @@ def test_every_job_shape_translates(
     job_input = copy.deepcopy(job_input)
     inner = job_input.get("openai_input") or job_input.get("body") or job_input["sampling_params"]
     inner["stream"] = stream
-    call, _ = to_engine_call(parse_job(job_input), settings, "j")
+    call, _ = to_engine_call(parse_single(job_input), settings, "j")
     assert call.body is not None
     assert call.body["structured_outputs"] == {"choice": ["a"]}
     assert "guided_choice" not in call.body
     inner["guided_decoding_backend"] = "lm-format-enforcer"
     with pytest.raises(InvalidRequest) as caught:
-        to_engine_call(parse_job(job_input), settings, "j")
+        to_engine_call(parse_single(job_input), settings, "j")
     assert caught.value.param == param_prefix + "guided_decoding_backend"
 
 

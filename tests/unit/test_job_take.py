@@ -35,7 +35,7 @@ async def test_a_taken_batch_is_queued_and_recorded_before_the_next_take(
     takes: list[tuple[int, list[str], int]] = []  # (asked for, queued then, list writes then)
 
     async def take(_session: Any, count: int) -> list[dict[str, Any]] | None:
-        queued = [job["id"] for job in scaler.jobs_queue._queue]  # type: ignore[attr-defined]
+        queued = [job["id"] for job in scaler.jobs_queue._queue]
         takes.append((count, queued, len(writes)))
         if len(takes) == 1:
             return [{"id": f"job-{i}", "input": {"prompt": "p" * 1000}} for i in range(3)]

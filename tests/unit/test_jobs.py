@@ -122,6 +122,7 @@ async def test_native_batch_runs_concurrently(settings: Settings) -> None:
 async def test_native_stream_yields_chunk_dicts(engine: FakeEngine, settings: Settings) -> None:
     outputs = await run(engine, settings, {"prompt": "The capital", "stream": True})
     call = engine.calls[0]
+    assert call.body is not None
     assert call.body["max_tokens"] == 100
     expected = [json.loads(e[len("data: ") :]) for e in completion_events(call)[:-1]]
     assert outputs == expected

@@ -20,12 +20,15 @@ import openai
 import psutil
 import pytest
 import runpod
+from openai.types.chat import ChatCompletionMessageParam
 
 from local_endpoint.harness import ABORTED, LocalEndpoint, local_endpoint
 from tests.fake_endpoint import fake_endpoint
 from tests.fakes import TEXT
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
 PAUSE_S = 0.25  # per streamed event: a fake stream lasts about 2.5 s, long enough to cancel
 
 
@@ -40,14 +43,14 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEndpoint
 def test_openai_sdk_one_shot_stream_and_models(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == ["fake-model"]
 
-    answer = client.chat.completions.create(model="fake-model", messages=QUESTION)  # type: ignore[arg-type]
+    answer = client.chat.completions.create(model="fake-model", messages=QUESTION)
     assert answer.choices[0].message.content == TEXT
     assert answer.usage is not None and answer.usage.completion_tokens == 7
 
     chunks = list(
         client.chat.completions.create(
             model="fake-model",
-            messages=QUESTION,  # type: ignore[arg-type]
+            messages=QUESTION,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -62,11 +65,11 @@ def test_openai_sdk_one_shot_stream_and_models(client: openai.OpenAI) -> None:
 
 async def test_async_openai_sdk(endpoint: LocalEndpoint) -> None:
     client = endpoint.async_openai()
-    answer = await client.chat.completions.create(model="fake-model", messages=QUESTION)  # type: ignore[arg-type]
+    answer = await client.chat.completions.create(model="fake-model", messages=QUESTION)
     assert answer.choices[0].message.content == TEXT
     stream = await client.chat.completions.create(
         model="fake-model",
-        messages=QUESTION,  # type: ignore[arg-type]
+        messages=QUESTION,
         stream=True,
     )
     assert "".join([c.choices[0].delta.content or "" async for c in stream]) == TEXT
@@ -99,7 +102,7 @@ def test_openai_errors_raise_the_sdks_exception_classes(
 ) -> None:
     for stream in (False, True):
         with pytest.raises(openai.NotFoundError) as not_found:
-            client.chat.completions.create(model="nope", messages=QUESTION, stream=stream)  # type: ignore[call-overload]
+            client.chat.completions.create(model="nope", messages=QUESTION, stream=stream)
         assert not_found.value.status_code == 404
         assert not_found.value.body == {
             "message": "The model `nope` does not exist.",
@@ -184,7 +187,7 @@ def test_sixteen_concurrent_streams_stay_whole(endpoint: LocalEndpoint) -> None:
     async def one(client: openai.AsyncOpenAI) -> list[Any]:
         stream = await client.chat.completions.create(
             model="fake-model",
-            messages=QUESTION,  # type: ignore[arg-type]
+            messages=QUESTION,
             stream=True,
         )
         return [chunk async for chunk in stream]

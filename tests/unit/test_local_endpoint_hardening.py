@@ -303,6 +303,7 @@ def test_a_job_failed_by_engine_death_stays_failed_until_retried(tmp_path: Path)
     says FAILED after the replacement worker is ready; /retry runs it again there, and it
     completes. (Each doomed job kills the engine of the worker it names, so its retry on the
     replacement completes.)"""
+    endpoint: LocalEndpoint  # the one started below, which replaced() watches
 
     def replaced(start: int) -> None:
         endpoint.wait_for(

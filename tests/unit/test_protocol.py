@@ -14,10 +14,11 @@ from handler.protocol import (
     to_engine_call,
 )
 from handler.settings import Settings
+from tests.jobs import parse_single
 
 
 def test_openai_route_job(settings: Settings) -> None:
-    job = parse_job(
+    job = parse_single(
         {
             "openai_route": "/v1/chat/completions",
             "openai_input": {"model": "m", "messages": [], "stream": True},
@@ -27,7 +28,7 @@ def test_openai_route_job(settings: Settings) -> None:
     assert shape is Shape.OPENAI
     assert call.route == "/v1/chat/completions" and call.stream
     assert call.request_id.startswith("job-1-")
-    assert dict(call.body) == {
+    assert dict(call.body or {}) == {
         "model": "m",
         "messages": [],
         "stream": True,
@@ -40,7 +41,7 @@ def test_models_route_without_input(
     settings: Settings, openai_input: dict[str, str] | None
 ) -> None:
     call, shape = to_engine_call(
-        parse_job({"openai_route": "/v1/models", "openai_input": openai_input}), settings, "j"
+        parse_single({"openai_route": "/v1/models", "openai_input": openai_input}), settings, "j"
     )
     assert (call.route, call.method, call.body, shape) == (
         "/v1/models",
@@ -52,19 +53,19 @@ def test_models_route_without_input(
 
 def test_native_generic_form_reaches_any_public_route(settings: Settings) -> None:
     body = {"model": "m", "query": "q", "documents": ["a"]}
-    call, shape = to_engine_call(parse_job({"route": "/v1/rerank", "body": body}), settings, "j")
+    call, shape = to_engine_call(parse_single({"route": "/v1/rerank", "body": body}), settings, "j")
     assert (call.route, call.method, dict(call.body or {}), shape) == (
         "/v1/rerank",
         "POST",
         body,
         Shape.NATIVE,
     )
-    retrieve, _ = to_engine_call(parse_job({"route": "/v1/models/org/name"}), settings, "j")
+    retrieve, _ = to_engine_call(parse_single({"route": "/v1/models/org/name"}), settings, "j")
     assert (retrieve.route, retrieve.method, retrieve.body) == ("/v1/models/org/name", "GET", None)
 
 
 def test_native_chat_gets_defaults(settings: Settings) -> None:
-    job = parse_job(
+    job = parse_single(
         {
             "messages": [{"role": "user", "content": "hi"}],
             "stream": True,
@@ -73,7 +74,7 @@ def test_native_chat_gets_defaults(settings: Settings) -> None:
     )
     call, shape = to_engine_call(job, settings, "j")
     assert shape is Shape.NATIVE
-    assert dict(call.body) == {
+    assert dict(call.body or {}) == {
         "temperature": 0,
         "max_tokens": 100,
         "stream_options": {"include_usage": True},
@@ -84,12 +85,12 @@ def test_native_chat_gets_defaults(settings: Settings) -> None:
 
 
 def test_native_prompt_keeps_given_max_tokens(settings: Settings) -> None:
-    job = parse_job(
+    job = parse_single(
         {"prompt": "Once", "sampling_params": {"max_completion_tokens": 5}, "model": "other"}
     )
     call, _ = to_engine_call(job, settings, "j")
     assert call.route == "/v1/completions"
-    assert dict(call.body) == {
+    assert dict(call.body or {}) == {
         "max_completion_tokens": 5,
         "model": "other",
         "stream": False,
@@ -99,7 +100,7 @@ def test_native_prompt_keeps_given_max_tokens(settings: Settings) -> None:
 
 def test_the_callers_dict_is_not_changed(settings: Settings) -> None:
     given = {"messages": [{"role": "user", "content": "hi"}], "sampling_params": {"n": 1}}
-    to_engine_call(parse_job(given), settings, "j")
+    to_engine_call(parse_single(given), settings, "j")
     assert given == {"messages": [{"role": "user", "content": "hi"}], "sampling_params": {"n": 1}}
 
 
@@ -178,7 +179,7 @@ def test_job_models_are_distinct_types() -> None:
 
 def test_native_tools_and_structured_outputs(settings: Settings) -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    job = parse_job(
+    job = parse_single(
         {
             "messages": [{"role": "user", "content": "hi"}],
             "tools": tools,
@@ -187,7 +188,7 @@ def test_native_tools_and_structured_outputs(settings: Settings) -> None:
         }
     )
     call, _ = to_engine_call(job, settings, "j")
-    assert dict(call.body) == {
+    assert dict(call.body or {}) == {
         "structured_outputs": {"choice": ["a", "b"]},
         "logprobs": True,
         "model": "fake-model",
@@ -200,10 +201,10 @@ def test_native_tools_and_structured_outputs(settings: Settings) -> None:
 
 
 def test_native_embeddings(settings: Settings) -> None:
-    job = parse_job({"input": ["a", "b"], "sampling_params": {"encoding_format": "base64"}})
+    job = parse_single({"input": ["a", "b"], "sampling_params": {"encoding_format": "base64"}})
     call, shape = to_engine_call(job, settings, "j")
     assert (call.route, shape) == ("/v1/embeddings", Shape.NATIVE)
-    assert dict(call.body) == {
+    assert dict(call.body or {}) == {
         "encoding_format": "base64",
         "model": "fake-model",
         "input": ["a", "b"],
@@ -218,10 +219,11 @@ def test_request_id_in_the_body_only_for_the_responses_api(
     settings: Settings, route: str, tracked: bool
 ) -> None:
     call, _ = to_engine_call(
-        parse_job({"openai_route": route, "openai_input": {"model": "m"}}), settings, "j"
+        parse_single({"openai_route": route, "openai_input": {"model": "m"}}), settings, "j"
     )
     assert ("request_id" in (call.body or {})) is tracked
     if route == "/v1/responses":
+        assert call.body is not None
         assert call.body["request_id"] == "resp_" + call.request_id
 
 

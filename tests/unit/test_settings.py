@@ -86,7 +86,7 @@ def test_other_upper_case_variables_are_kept_for_the_engine() -> None:
 
 def test_settings_are_frozen() -> None:
     with pytest.raises(ValueError, match="frozen"):
-        load_settings({}).max_concurrency = 3  # type: ignore[misc]
+        load_settings({}).max_concurrency = 3
 
 
 def test_every_field_but_the_passthrough_has_an_environment_name() -> None:

@@ -227,7 +227,7 @@ def test_chunk_dicts_merge_logprobs_and_keep_tool_calls_apart() -> None:
             }
         )
 
-    tool = {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}
+    tool: dict[str, object] = {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}
     merged = chunk_dicts(
         [chunk({"content": "a"}, ["a"]), chunk({"content": "b"}, ["b"]), chunk(tool), chunk(tool)]
     )
@@ -248,7 +248,7 @@ def test_an_error_event_raises() -> None:
 
 def test_pacer_lengthens_the_interval_when_many_streams_share_the_post_budget() -> None:
     pacer = Pacer(0.05, posts_per_s=100)
-    seen = []
+    seen: list[float | tuple[int, float]] = []
     with pacer.streaming():
         seen.append(pacer.interval())  # one stream: the flush interval
         with contextlib.ExitStack() as more:

@@ -11,10 +11,11 @@ import pytest
 
 from handler.errors import InvalidRequest
 from handler.jobs import make_handler
-from handler.protocol import Shape, parse_job, to_engine_call
+from handler.protocol import Shape, to_engine_call
 from handler.settings import Settings
 from handler.v2_shape import V2Stream, v2_response
 from tests.fakes import TEXT, TOKENS, FakeEngine, chat_response, sse
+from tests.jobs import parse_single
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -30,7 +31,7 @@ async def run(engine: FakeEngine, settings: Settings, job_input: Any) -> list[An
 
 
 def call_of(settings: Settings, job_input: dict[str, Any]) -> tuple[dict[str, Any], str, Shape]:
-    call, shape = to_engine_call(parse_job(job_input), settings, "j")
+    call, shape = to_engine_call(parse_single(job_input), settings, "j")
     return dict(call.body or {}), call.route, shape
 
 
@@ -44,14 +45,16 @@ def test_generic_form_with_method_as_worker_vllms_readme_sends_it(settings: Sett
             "stream": True,
         },
     }
-    call, shape = to_engine_call(parse_job(readme_job), settings, "j")
+    call, shape = to_engine_call(parse_single(readme_job), settings, "j")
     assert (call.route, call.method, dict(call.body or {}), shape) == (
         "/v1/chat/completions",
         "POST",
         readme_job["body"],
         Shape.NATIVE,
     )
-    models, _ = to_engine_call(parse_job({"route": "/v1/models", "method": "get"}), settings, "j")
+    models, _ = to_engine_call(
+        parse_single({"route": "/v1/models", "method": "get"}), settings, "j"
+    )
     assert (models.route, models.method) == ("/v1/models", "GET")
 
 
@@ -62,7 +65,7 @@ def test_a_method_the_route_does_not_take_is_a_405(
     settings: Settings, route: str, method: str
 ) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        to_engine_call(parse_job({"route": route, "method": method, "body": {}}), settings, "j")
+        to_engine_call(parse_single({"route": route, "method": method, "body": {}}), settings, "j")
     assert (caught.value.status, caught.value.param) == (405, "input.method")
     assert route in caught.value.message
 
