@@ -10,7 +10,7 @@ help:
 	@echo "make integration  tests on the real vLLM engine"
 	@echo "make soak         the soak test for 30 minutes (SOAK_S=seconds to change)"
 	@echo "make lint         ruff and mypy"
-	@echo "make check-image  hadolint, and the GPU image's pins resolved for its platform"
+	@echo "make check-image  hadolint, the image's pins resolved, the worker's imports all in them"
 	@echo "make docs         regenerate docs/settings.md from handler/settings.py"
 	@echo "make bench        the full path vs vllm serve and the bare engine under load: table, chart"
 	@echo "make bench-burst  16 requests at once: where the full path's time to first token goes"
