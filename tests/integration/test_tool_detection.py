@@ -150,8 +150,10 @@ def test_the_log_names_the_parser_and_the_signal(endpoint: LocalEndpoint) -> Non
 def test_the_model_card_lists_tools(client: openai.OpenAI) -> None:
     [card] = client.models.list().data
     assert card.model_extra is not None
-    assert card.model_extra["supported_features"][0] == "tools"
-    assert "reasoning" not in card.model_extra["supported_features"]
+    [text] = card.model_extra["output_modalities"]
+    described = list(text["supported_parameters"])
+    assert ("tools" in described, "tool_choice" in described) == (True, True)
+    assert "reasoning" not in described
 
 
 def test_tool_choice_auto_is_parsed_by_the_detected_parser(client: openai.OpenAI) -> None:

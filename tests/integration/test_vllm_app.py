@@ -157,7 +157,9 @@ def test_openai_models_retrieve(client: openai.OpenAI) -> None:
     }
     model = client.models.retrieve(MODEL_ID)
     assert model.model_dump(exclude={"created", "permission"}) == listed[MODEL_ID]
-    assert model.model_extra and model.model_extra["context_length"] == 2048
+    assert model.model_extra
+    [text] = model.model_extra["input_modalities"]
+    assert text["supported_inputs"]["max_context_length"] == {"value": 2048, "unit": "token"}
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("no-such-model")
     assert missing.value.body == {
