@@ -1,6 +1,6 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro bench-cold bench-burst docs
+.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro bench-cold bench-burst bench-chat docs
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-cache  time to first token for a repeated prefix: no cache, prefix cache, LMCache"
 	@echo "make bench-repro  same seed alone vs in a batch, and what the settings that hold cost"
 	@echo "make bench-cold   cold start vs vllm serve, and a second start on a warm compile cache"
+	@echo "make bench-chat   conversations across 2 workers: cached prompt share and TTFT, LMCache on vs off"
 
 setup:
 	@scripts/dev-env
@@ -73,3 +74,6 @@ bench-cold:
 
 bench-burst:
 	flock /tmp/engine.lock scripts/in-env python -m bench.burst_timeline $(ARGS)
+
+bench-chat:
+	flock /tmp/engine.lock scripts/in-env python -m bench.conversations $(ARGS)
