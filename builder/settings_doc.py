@@ -69,7 +69,11 @@ settings so that RunPod's Hub form shows them; they reach vLLM like any other fl
 The worker turns vLLM and LMCache usage telemetry off (`VLLM_NO_USAGE_STATS`, `DO_NOT_TRACK`,
 `LMCACHE_TRACK_USAGE`) and caps a request's `n` at OpenAI's 128 (`VLLM_MAX_N_SEQUENCES`; vLLM's
 own cap is 16384, and one request with `n=4096` held a CPU worker for over a minute), unless set
-otherwise. `configs/local.env` holds the CPU settings used by `make run` and the tests.
+otherwise. Images fetched by URL wait up to 5 s and are tried twice (`VLLM_IMAGE_FETCH_TIMEOUT`,
+`VLLM_MEDIA_FETCH_MAX_RETRIES`; vLLM's three tries held a request about 110 s), and with
+`ALLOWED_MEDIA_DOMAINS` set no redirect is followed (`VLLM_MEDIA_URL_ALLOW_REDIRECTS=0`), unless
+set otherwise ([Images](api.md#images)). `configs/local.env` holds the CPU settings used by
+`make run` and the tests.
 """
 
 

@@ -45,6 +45,16 @@ TELEMETRY_OFF: dict[str, str] = {
 # vLLM limits a request's `n` to 16384 by default; one request with n=4096 held a CPU worker for
 # over a minute. OpenAI's API takes at most 128. Also applied with setdefault.
 ENGINE_LIMITS: dict[str, str] = {"VLLM_MAX_N_SEQUENCES": "128"}
+# Images fetched by URL: vLLM tries 3 times, waiting 5, 20 and 80 s (1 and 4 s between), so a
+# URL that never answered held its request about 110 s. Two tries: 5 + 1 + 20 s at most. Also
+# applied with setdefault.
+MEDIA_FETCH: dict[str, str] = {
+    "VLLM_IMAGE_FETCH_TIMEOUT": "5",
+    "VLLM_MEDIA_FETCH_MAX_RETRIES": "2",
+}
+# vLLM checks only the first URL's host against ALLOWED_MEDIA_DOMAINS: a redirect would lead past
+# the list. Applied with setdefault when the list is set.
+MEDIA_ALLOWLIST: dict[str, str] = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
 # vLLM's get_ip() learns the host's address with a UDP connect() to 8.8.8.8:80 at every engine
 # start unless VLLM_HOST_IP is set; a single-node engine talks to itself only, on loopback.
 # Applied with setdefault, and not for a multi-node engine (see single_node).
@@ -491,6 +501,21 @@ class Settings(BaseModel):
         description="Run the model repository's own Python code (some architectures need it).",
         json_schema_extra=VLLM_FLAG,
     )
+    allowed_media_domains: str | None = Field(
+        None,
+        alias="ALLOWED_MEDIA_DOMAINS",
+        description="The hosts image URLs may name, separated by spaces (vLLM's "
+        "--allowed-media-domains); unset: any host the worker reaches. When set, redirects are "
+        "not followed (VLLM_MEDIA_URL_ALLOW_REDIRECTS=0 unless set).",
+        json_schema_extra=VLLM_FLAG,
+    )
+    allowed_local_media_path: str | None = Field(
+        None,
+        alias="ALLOWED_LOCAL_MEDIA_PATH",
+        description="A folder whose files requests may name as file: image URLs (vLLM's "
+        "--allowed-local-media-path); unset: file: URLs are refused.",
+        json_schema_extra=VLLM_FLAG,
+    )
     base_path: str = Field(
         "/models",
         alias="BASE_PATH",
@@ -856,13 +881,16 @@ def single_node(environ: Mapping[str, str]) -> bool:
 
 
 def apply_process_environment(extra: Mapping[str, str] | None = None) -> None:
-    """Set the telemetry switches, the engine limits, the loopback host address of a single-node
-    engine (and ``extra``) in os.environ, keeping values already set.
+    """Set the telemetry switches, the engine limits, the image-fetch limits (no redirects with
+    a media allowlist), the loopback host address of a single-node engine (and ``extra``) in
+    os.environ, keeping values already set.
 
     Called once by an entry point before vLLM or runpod are imported.
     """
     loopback = LOOPBACK_HOST if single_node(os.environ) else {}
-    for key, value in {**TELEMETRY_OFF, **ENGINE_LIMITS, **loopback, **(extra or {})}.items():
+    allowlist = MEDIA_ALLOWLIST if os.environ.get("ALLOWED_MEDIA_DOMAINS", "").strip() else {}
+    defaults = {**TELEMETRY_OFF, **ENGINE_LIMITS, **MEDIA_FETCH, **allowlist, **loopback}
+    for key, value in {**defaults, **(extra or {})}.items():
         os.environ.setdefault(key, value)
 
 

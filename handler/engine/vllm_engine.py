@@ -244,6 +244,9 @@ async def _open(args: argparse.Namespace) -> _Opened:
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
 
+    from handler.engine import media_connector
+
+    media_connector.install()  # images refused or not fetched: the client's error, on every route
     stack = contextlib.AsyncExitStack()
     started = time.perf_counter()
     try:

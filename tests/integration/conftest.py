@@ -48,6 +48,20 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str,
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str, str]) -> Path:
+    """A tiny vision-language model (tests/tiny_vlm.py): SmolLM2 with a random vision tower."""
+    out = tmp_path_factory.mktemp("vlm") / "tiny-vlm"
+    subprocess.run(
+        [sys.executable, "-m", "tests.tiny_vlm", worker_env["MODEL_NAME"], str(out)],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def full_env(worker_env: dict[str, str], lora_adapter: Path) -> dict[str, str]:
     return {
         **worker_env,

@@ -28,6 +28,7 @@ LAYERS: dict[str, list[list[str]]] = {
             "handler.compile_cache",
             "handler.engine.interface",
             "handler.engine.processes",
+            "handler.media",
         ],
         ["handler.settings"],
         [
@@ -45,6 +46,7 @@ LAYERS: dict[str, list[list[str]]] = {
             "handler.metrics",
             "handler.engine.args",
             "handler.engine.asgi",
+            "handler.engine.media_connector",
         ],
         ["handler.engine.vllm_engine", "handler.jobs"],
         ["handler.cold_start"],  # the steps both entry points share
@@ -189,4 +191,9 @@ def test_only_the_engine_package_imports_vllm() -> None:
         if name.startswith("handler.engine.")
         and any(target.split(".")[0] == "vllm" for target, _ in imported(path, modules))
     }
-    assert engine == {"handler.engine.args", "handler.engine.vllm_engine"}
+    # the arguments, the engine and its app, and the media connector vLLM's app loads images with
+    assert engine == {
+        "handler.engine.args",
+        "handler.engine.vllm_engine",
+        "handler.engine.media_connector",
+    }
