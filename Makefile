@@ -1,6 +1,6 @@
 # Each target sets up what it needs on first use (virtual environment and default model, cached
 # outside the clone); see scripts/dev-env.
-.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro bench-cold bench-burst bench-chat docs
+.PHONY: help setup run serve test unit integration soak lint format check-image bench bench-stream bench-cache bench-repro bench-cold bench-burst bench-chat bench-lora docs
 
 help:
 	@echo "make run          set up, then run test_input.json through the worker on SmolLM2"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-repro  same seed alone vs in a batch, and what the settings that hold cost"
 	@echo "make bench-cold   cold start vs vllm serve, and a second start on a warm compile cache"
 	@echo "make bench-chat   conversations across 2 workers: cached prompt share and TTFT, LMCache on vs off"
+	@echo "make bench-lora   LoRA adapters by name: base-model tok/s with LORA_DIR on vs off, first-use load"
 
 setup:
 	@scripts/dev-env
@@ -77,3 +78,6 @@ bench-burst:
 
 bench-chat:
 	flock /tmp/engine.lock scripts/in-env python -m bench.conversations $(ARGS)
+
+bench-lora:
+	flock /tmp/engine.lock scripts/in-env python -m bench.lora_cost $(ARGS)

@@ -104,6 +104,8 @@ REFUSED_ROUTES: dict[str, str] = {
             "/is_scaling_elastic_ep",
             "/v1/load_lora_adapter",
             "/v1/unload_lora_adapter",
+            "/adapters",  # SageMaker's LoRA loading, beside the two above
+            "/adapters/{adapter_name}",
             "/start_profile",
             "/stop_profile",
             "/server_info",

@@ -148,6 +148,8 @@ WORKER_VLLM_RETIRED: dict[str, str] = {
         _SPECULATIVE_ALONE,
     ),
 }
+# LORA_DIR's default: a folder on RunPod's network volume, used when it exists.
+LORA_DIR_DEFAULT = "/runpod-volume/loras"
 # Shared stores LMCACHE_L2_URL may name (RESP servers: Redis, Valkey; S3).
 L2_SCHEMES = frozenset({"redis", "valkey", "s3"})
 
@@ -339,6 +341,23 @@ class Settings(BaseModel):
         "`name=path_or_repo` pairs separated by spaces, or a JSON list of "
         '`{"name", "path", "base_model_name"}` objects. Turns on --enable-lora with one slot per '
         "adapter (MAX_LORAS overrides); adapters above rank 16 need MAX_LORA_RANK.",
+    )
+    lora_dir: str = Field(
+        LORA_DIR_DEFAULT,
+        alias="LORA_DIR",
+        description="Folder of LoRA adapters loaded by name at run time, no restart: each "
+        "subfolder (a PEFT adapter: adapter_config.json, adapter_model.safetensors) is an "
+        "adapter a request names as its `model`, loaded on first use and listed in /v1/models. "
+        "The default is used when it exists; another folder must exist; blank: off. Slots: "
+        "MAX_LORAS (adapters in one batch), MAX_CPU_LORAS (adapters kept loaded), MAX_LORA_RANK.",
+    )
+    lora_hub_repos: str | None = Field(
+        None,
+        alias="VLLM_LORA_RESOLVER_HF_REPO_LIST",
+        description="Hugging Face repositories, comma-separated, whose LoRA adapters a request "
+        "may name as `org/repo` or `org/repo/subfolder`: downloaded on first use (HF_TOKEN for "
+        "private ones) and checked like LORA_DIR's (vLLM's variable; VLLM_PLUGINS is not "
+        "needed).",
     )
     max_batch_requests: int = Field(
         64,
@@ -748,8 +767,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     names = env_names()
     # an empty value is an unset one (RunPod's forms send "" for an input left blank)
     known = {alias: environ[alias] for alias in names if environ.get(alias, "").strip()}
-    if not environ.get("COMPILE_CACHE_DIR", "x").strip():  # set but blank: turned off
-        known["COMPILE_CACHE_DIR"] = ""
+    for name in ("COMPILE_CACHE_DIR", "LORA_DIR"):
+        if not environ.get(name, "x").strip():  # set but blank: turned off
+            known[name] = ""
     flags = {
         field.alias
         for field in Settings.model_fields.values()

@@ -1,6 +1,7 @@
 """Make a LoRA adapter for the default model: peft, random weights, saved to a folder.
 
-``python -m tests.lora_adapter BASE_MODEL_DIR OUT_DIR``. Random (not zero) B matrices on every
+``python -m tests.lora_adapter BASE_MODEL_DIR OUT_DIR [OUT_DIR ...] [--seed N]``: one adapter per
+folder, the first with seed N (default 0), the next N + 1, ... Random (not zero) B matrices on every
 linear layer, rank 8, scaled by 8: the adapter plainly changes the model's answers (with q and v
 alone at scale 2, SmolLM2 still answered "The capital of France is Paris.").
 Run in a process of its own: it loads the model with transformers, outside the test process.
@@ -26,4 +27,11 @@ def make_adapter(base: str, out: str, seed: int = 0) -> None:
 
 if __name__ == "__main__":
     warnings.simplefilter("ignore")
-    make_adapter(sys.argv[1], sys.argv[2])
+    args = sys.argv[1:]
+    first = 0
+    if "--seed" in args:
+        at = args.index("--seed")
+        first = int(args[at + 1])
+        del args[at : at + 2]
+    for i, out in enumerate(args[1:]):
+        make_adapter(args[0], out, first + i)

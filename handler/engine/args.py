@@ -92,6 +92,13 @@ _SERVER_FLAGS_IGNORED = frozenset(
 _KEY_VARIABLES = ("VLLM_API_KEY",)
 
 
+# vLLM variables the worker does otherwise, and what to set instead.
+_REFUSED_VARIABLES = {
+    "VLLM_LORA_RESOLVER_CACHE_DIR": "set LORA_DIR instead (vLLM's folder resolver joins any "
+    "name, ../ too, to the folder; the worker's checks the name and the adapter)",
+}
+
+
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -102,10 +109,14 @@ _CONNECTOR_OWNER = "LMCACHE_ENABLED=false, to configure a KV connector yourself"
 
 
 def owned_args(
-    settings: Settings, connector: Mapping[str, Any] | None = None, spare_lora_slot: bool = False
+    settings: Settings,
+    connector: Mapping[str, Any] | None = None,
+    spare_lora_slot: bool = False,
+    runtime_lora: bool = False,
 ) -> list[str]:
     """The ``vllm serve`` arguments that come from the worker's own settings (and the LMCache
-    connector, when the worker runs an LMCache server).
+    connector, when the worker runs an LMCache server). ``runtime_lora``: adapters are loaded
+    by name at run time (LORA_DIR), so LoRA is on (slots: vLLM's MAX_LORAS, default 1).
 
     ``spare_lora_slot``: one LoRA slot more than adapters. vLLM 0.32's CPU LoRA kernels index the
     adapter weights with -1 for a request without an adapter, which is the last slot: in a batch
@@ -136,6 +147,8 @@ def owned_args(
         # every adapter can share a batch (MAX_LORAS, passed later, still wins)
         slots = len(specs) + (1 if spare_lora_slot else 0)
         argv += ["--enable-lora", "--max-loras", str(slots), "--lora-modules", *specs]
+    elif runtime_lora:
+        argv.append("--enable-lora")
     # usage.prompt_tokens_details.cached_tokens: prompt tokens from vLLM's prefix cache or LMCache
     argv.append("--enable-prompt-tokens-details")
     # the render routes (/v1/chat/completions/render, ...); the disaggregated-serving routes it
@@ -192,9 +205,13 @@ def _flag_args(name: str, flag: str, action: argparse.Action, value: str) -> lis
 
 
 def build_args(
-    settings: Settings, connector: Mapping[str, Any] | None = None
+    settings: Settings, connector: Mapping[str, Any] | None = None, runtime_lora: bool = False
 ) -> argparse.Namespace:
-    """Parse the settings with vLLM's own ``vllm serve`` parser; errors name the variable."""
+    """Parse the settings with vLLM's own ``vllm serve`` parser; errors name the variable.
+    ``runtime_lora``: see :func:`owned_args`."""
+    for name, instead in _REFUSED_VARIABLES.items():  # before vLLM's plugins read them
+        if name in settings.engine_passthrough:
+            raise SettingsError(f"{name}: {instead}")
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -203,7 +220,7 @@ def build_args(
     unknown = unknown_variables(settings.engine_passthrough, options)
     if unknown:
         log.warning("not vLLM flags, so ignored: %s", "; ".join(unknown))
-    base = owned_args(settings, connector, spare_lora_slot=on_cpu())
+    base = owned_args(settings, connector, spare_lora_slot=on_cpu(), runtime_lora=runtime_lora)
     _parse(parser, base, "the model settings (" + ", ".join(sorted(env_names())) + ")")
     extra: list[str] = []
     for name in sorted(settings.engine_passthrough):

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from handler.engine.asgi import (
     whole_answer,
 )
 from handler.engine.interface import END, EngineCall, EngineReply, ModelInfo
+from handler.engine.lora import Adapters
 from handler.engine.processes import child_processes, reap
 from handler.errors import EngineDead
 from handler.settings import Settings
@@ -63,6 +64,7 @@ class VllmEngine:
         self._loop, self._thread = loop, thread
         self._client, self._app, self._stack = opened.client, opened.app, opened.stack
         self._info = opened.info
+        self._adapters = opened.adapters
         self._on_dead = on_dead
         self._dead = False
         self._closed = False
@@ -82,21 +84,25 @@ class VllmEngine:
         ``connector``: vLLM's kv-transfer config (the LMCache server's), if any. ``after_args``
         runs once vllm is imported and the arguments are parsed, before the engine is built."""
         started = time.perf_counter()
-        args = build_args(settings, connector)  # the first call imports vllm
+        adapters = Adapters.from_settings(settings)  # LoRA adapters by name (LORA_DIR)
+        runtime_lora = adapters is not None
+        args = build_args(settings, connector, runtime_lora)  # the first call imports vllm
         args_s = time.perf_counter() - started
         after_args()
         if connector is not None and not _keeps_kv_cache(args):
             log.warning(
                 "LMCache is off: %s is a pooling model, it keeps no KV cache", settings.model_id
             )
-            args = build_args(settings)
+            args = build_args(settings, runtime_lora=runtime_lora)
         before = {p.pid for p in child_processes()}
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="vllm-engine-loop", daemon=True)
         thread.start()
         try:
-            opened = asyncio.run_coroutine_threadsafe(_open(args), loop).result()
+            opened = asyncio.run_coroutine_threadsafe(_open(args, adapters), loop).result()
         except BaseException:
+            if adapters is not None:
+                adapters.close()
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=10)
             raise
@@ -139,10 +145,12 @@ class VllmEngine:
     async def serve(self, call: EngineCall) -> EngineReply:
         if self.dead:
             raise EngineDead()
+        caller = asyncio.get_running_loop()
+        if self._adapters is not None:  # an adapter the request names, loaded first
+            await self._on_engine_loop(self._adapters.before(call.body), caller)
         queue: asyncio.Queue[object] = asyncio.Queue()
         exchange: Exchange
         running: asyncio.Future[None]
-        caller = asyncio.get_running_loop()
         if caller is self._loop:
             exchange = Exchange(self._app, call, queue.put_nowait)
             running = asyncio.ensure_future(exchange.run())
@@ -169,7 +177,18 @@ class VllmEngine:
         finally:
             if not ended:
                 await self._leave(exchange, running)
-        return whole_answer(start, body if isinstance(body, bytes) else b"", call.route)
+        answer = whole_answer(start, body if isinstance(body, bytes) else b"", call.route)
+        if self._adapters is not None and call.route == "/v1/models":
+            return await self._adapters.listed(answer)  # and the folder's not used yet
+        return answer
+
+    async def _on_engine_loop(
+        self, work: Coroutine[Any, Any, None], caller: asyncio.AbstractEventLoop
+    ) -> None:
+        if caller is self._loop:
+            await work
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._loop))
 
     async def _events(
         self, queue: asyncio.Queue[object], exchange: Exchange, running: asyncio.Future[None]
@@ -209,6 +228,8 @@ class VllmEngine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         reap(self._processes)
+        if self._adapters is not None:
+            self._adapters.close()
         log.info("engine stopped")
 
     async def _watch_health(self) -> None:
@@ -235,9 +256,10 @@ class _Opened:
     stack: contextlib.AsyncExitStack
     info: ModelInfo
     phases: dict[str, float] = field(default_factory=dict)  # engine build, app build: seconds
+    adapters: Adapters | None = None  # LoRA adapters loaded by name at run time
 
 
-async def _open(args: argparse.Namespace) -> _Opened:
+async def _open(args: argparse.Namespace, adapters: Adapters | None = None) -> _Opened:
     """Runs on the engine loop: AsyncLLM, then vLLM's own app over it, as `vllm serve` builds
     them (without its HTTP server)."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -256,7 +278,12 @@ async def _open(args: argparse.Namespace) -> _Opened:
         app = build_app(args, tasks, client.model_config)
         app.add_exception_handler(RequestValidationError, validation_answer)
         app.middleware_stack = app.build_middleware_stack()  # built once already: take it in
+        if adapters is not None:  # before the app's serving models copy vLLM's resolvers
+            adapters.register()
         await init_app_state(client, app.state, args, tasks)
+        if adapters is not None:
+            models = app.state.openai_serving_models
+            adapters.bind(models, client.model_config.model, client.vllm_config.lora_config)
         lifespan = Lifespan(app)
         await lifespan.start()
         stack.push_async_callback(lifespan.stop)  # before the engine client closes
@@ -264,7 +291,8 @@ async def _open(args: argparse.Namespace) -> _Opened:
         await stack.aclose()
         raise
     phases = {"engine build": built - started, "app build": time.perf_counter() - built}
-    return _Opened(client, app, stack, _model_info(client.model_config, args, tasks), phases)
+    info = _model_info(client.model_config, args, tasks)
+    return _Opened(client, app, stack, info, phases, adapters)
 
 
 def _model_info(config: Any, args: argparse.Namespace, tasks: Any) -> ModelInfo:

@@ -265,7 +265,8 @@ def test_every_route_of_vllms_app_is_public_or_refused_on_purpose(
     worker_env: dict[str, str], scorer: Path
 ) -> None:
     """Fails when a vLLM upgrade adds a route that is in neither table: decide, then add it."""
-    dev = {"VLLM_SERVER_DEV_MODE": "1"}
+    # with dev mode's routes, and the LoRA loading routes runtime LoRA updating would add
+    dev = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
     routes = app_routes(worker_env, worker_env["MODEL_NAME"])
     routes |= app_routes(
         {**worker_env, **dev}, worker_env["MODEL_NAME"], "--enable-fault-tolerance"
@@ -280,7 +281,7 @@ def test_every_route_of_vllms_app_is_public_or_refused_on_purpose(
         if path in PUBLIC_ROUTES:
             assert method in (PUBLIC_ROUTES[path], "HEAD"), (method, path)
     # and the admin routes this test knows of are among them
-    assert {"/sleep", "/collective_rpc", "/reset_prefix_cache"} <= paths
+    assert {"/sleep", "/collective_rpc", "/reset_prefix_cache", "/adapters"} <= paths
 
 
 # --- pooling: score, rerank, classify on a small cross-encoder --------------------------------

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from handler.engine.args import owned_args, parser_error, passthrough_args
+from handler.engine.args import build_args, owned_args, parser_error, passthrough_args
 from handler.settings import SettingsError, load_settings
 
 
@@ -123,6 +123,23 @@ def test_lora_modules_enable_lora_with_one_slot_per_adapter() -> None:
 def test_cpu_keeps_a_spare_lora_slot() -> None:
     s = load_settings({"MODEL_NAME": "/m", "LORA_MODULES": "sql=/a/sql"})
     assert owned_args(s, spare_lora_slot=True)[6:9] == ["--enable-lora", "--max-loras", "2"]
+
+
+def test_adapters_by_name_turn_lora_on_with_vllms_slots() -> None:
+    s = load_settings({"MODEL_NAME": "/m"})
+    assert owned_args(s, runtime_lora=True)[6:] == [
+        "--enable-lora",
+        "--enable-prompt-tokens-details",
+        "--enable-scale-out",
+    ]
+    s = load_settings({"MODEL_NAME": "/m", "LORA_MODULES": "sql=/a/sql"})
+    assert owned_args(s, runtime_lora=True)[6:9] == ["--enable-lora", "--max-loras", "1"]
+
+
+def test_vllms_own_lora_folder_resolver_is_refused_for_lora_dir() -> None:
+    s = load_settings({"MODEL_NAME": "/m", "VLLM_LORA_RESOLVER_CACHE_DIR": "/runpod-volume/x"})
+    with pytest.raises(SettingsError, match="VLLM_LORA_RESOLVER_CACHE_DIR: set LORA_DIR instead"):
+        build_args(s)  # before vllm is imported
 
 
 def testparser_errors_keep_the_reason_not_the_usage() -> None:

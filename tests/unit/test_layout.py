@@ -38,6 +38,7 @@ LAYERS: dict[str, list[list[str]]] = {
             "handler.parsers",
             "handler.model_card",
             "handler.job_loop",
+            "handler.adapters",
         ],
         [
             "handler.protocol",
@@ -47,6 +48,7 @@ LAYERS: dict[str, list[list[str]]] = {
             "handler.engine.args",
             "handler.engine.asgi",
             "handler.engine.media_connector",
+            "handler.engine.lora",
         ],
         ["handler.engine.vllm_engine", "handler.jobs"],
         ["handler.cold_start"],  # the steps both entry points share
@@ -196,4 +198,5 @@ def test_only_the_engine_package_imports_vllm() -> None:
         "handler.engine.args",
         "handler.engine.vllm_engine",
         "handler.engine.media_connector",
+        "handler.engine.lora",  # vLLM's LoRA resolver registry, LoRA requests, adapter rules
     }
