@@ -27,6 +27,17 @@ from local_endpoint.harness import ROOT, LocalEndpoint, local_endpoint, local_en
 LORA = "smol-lora"
 
 
+def make_offline(module: str, *args: str) -> None:
+    """Run a test-model maker (``python -m tests.lora_adapter ...``) with the Hub offline."""
+    subprocess.run(
+        [sys.executable, "-m", module, *args],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        capture_output=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def worker_env() -> dict[str, str]:
     env = local_env()
@@ -37,13 +48,7 @@ def worker_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def lora_adapter(tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str, str]) -> Path:
     out = tmp_path_factory.mktemp("lora") / "smol-lora"
-    subprocess.run(
-        [sys.executable, "-m", "tests.lora_adapter", worker_env["MODEL_NAME"], str(out)],
-        check=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        capture_output=True,
-    )
+    make_offline("tests.lora_adapter", worker_env["MODEL_NAME"], str(out))
     return out
 
 
@@ -51,13 +56,7 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str,
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str, str]) -> Path:
     """A tiny vision-language model (tests/tiny_vlm.py): SmolLM2 with a random vision tower."""
     out = tmp_path_factory.mktemp("vlm") / "tiny-vlm"
-    subprocess.run(
-        [sys.executable, "-m", "tests.tiny_vlm", worker_env["MODEL_NAME"], str(out)],
-        check=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        capture_output=True,
-    )
+    make_offline("tests.tiny_vlm", worker_env["MODEL_NAME"], str(out))
     return out
 
 

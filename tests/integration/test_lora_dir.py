@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,8 @@ import openai
 import pytest
 from safetensors.numpy import save_file
 
-from local_endpoint.harness import MODEL_ID, ROOT, LocalEndpoint, local_endpoint
+from local_endpoint.harness import MODEL_ID, LocalEndpoint, local_endpoint
+from tests.integration.conftest import make_offline
 from tests.integration.samples import QUESTION
 
 pytestmark = pytest.mark.integration
@@ -46,21 +44,7 @@ def made(tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str, str]) -
     way), in a folder the worker does not see."""
     out = tmp_path_factory.mktemp("made")
     outs = [str(out / name) for name in ("a", "b", "c")]
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.lora_adapter",
-            worker_env["MODEL_NAME"],
-            *outs,
-            "--seed",
-            "1",
-        ],
-        check=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        capture_output=True,
-    )
+    make_offline("tests.lora_adapter", worker_env["MODEL_NAME"], *outs, "--seed", "1")
     return out
 
 
