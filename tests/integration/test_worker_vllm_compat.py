@@ -177,7 +177,9 @@ def test_readme_examples_in_v2_shape(endpoint: LocalEndpoint) -> None:
     for example in (README_PROMPT_JOB, README_MESSAGES_JOB):
         job = {"input": {**example["input"], "use_openai_format": False}}
         [output] = runsync(endpoint, job)
-        assert assert_v2(output) and 0 < output["usage"]["output"] <= 100
+        # sampled (the examples' temperatures): an end-of-text token first is a valid answer
+        # with empty text, so the shape and the token count are what is checked
+        assert isinstance(assert_v2(output), str) and 0 < output["usage"]["output"] <= 100
 
 
 @pytest.mark.parametrize("stream", [False, True])
