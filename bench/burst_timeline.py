@@ -36,13 +36,13 @@ from typing import Any
 
 from bench.load import (
     SETTLE_S,
-    free_port,
     start_endpoint,
     start_vllm_serve,
     stop_endpoint,
     stop_vllm_serve,
     wait_ready,
 )
+from handler.lmcache import free_port
 from handler.settings import LOCAL_ONLY, apply_process_environment
 from local_endpoint.harness import (
     MODEL_ID,

@@ -35,7 +35,6 @@ import pickle
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from pathlib import Path
 import psutil
 
 from handler.cold_start import process_age_s
+from handler.lmcache import free_port
 from handler.settings import (
     ENGINE_LIMITS,
     LOCAL_ONLY,
@@ -106,12 +106,6 @@ def settle(limit_s: float = 30.0) -> None:
     deadline = time.monotonic() + limit_s
     while psutil.cpu_percent(interval=1.0) > 15 and time.monotonic() < deadline:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_env(eager: bool, cache_dir: Path) -> dict[str, str]:

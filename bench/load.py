@@ -47,7 +47,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from typing import Any
 
 import psutil
 
+from handler.lmcache import free_port
 from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings
 from local_endpoint.__main__ import KEEP_ALIVE_S
 from local_endpoint.harness import KEY, MODEL_ID, LocalEndpoint, local_env, stop
@@ -399,12 +399,6 @@ def start_endpoint(
             command, cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
     return Started(process, log, ready.exists, f"local endpoint ({root})")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_vllm_serve(tmp: Path, env: dict[str, str], port: int) -> Started:

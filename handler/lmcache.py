@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shlex
 import signal
 import socket
@@ -52,11 +53,39 @@ class Ports:
     prometheus: int
 
 
-def free_port(host: str = HOST) -> int:
-    """A port nothing listens on now, on ``host``."""
-    with socket.socket() as sock:
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOWEST_PORT = 10_000
+
+
+def free_port(host: str = HOST, ephemeral: str = _EPHEMERAL_RANGE) -> int:
+    """A port nothing listens on now, on ``host``, for a process that binds it later.
+
+    Drawn below the kernel's ephemeral range: the ports the kernel hands out itself (to every
+    ``bind(port 0)`` and outgoing connection, such as vLLM's and ZMQ's own sockets) come from
+    that range, so one of them could take a port picked there before its process binds it
+    (seen: a worker's metrics port, bound after its 20 s engine start, taken meanwhile).
+    """
+    low = ephemeral_low(ephemeral)
+    candidates = random.SystemRandom()
+    for _ in range(64 if low - _LOWEST_PORT >= 1024 else 0):
+        port = candidates.randrange(_LOWEST_PORT, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no room below the range: any port the kernel gives
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def ephemeral_low(path: str = _EPHEMERAL_RANGE) -> int:
+    """The lowest port of the kernel's ephemeral range (Linux's default, 32768, if unreadable)."""
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def memory_limit_bytes(

@@ -7,6 +7,7 @@ series with the model's local folder, which is no name a client knows (and a pat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, start_http_server
@@ -17,6 +18,8 @@ from prometheus_client.registry import Collector
 from handler.engine.interface import Engine
 from handler.lmcache import LMCacheServer
 from handler.settings import Settings
+
+log = logging.getLogger("handler.metrics")
 
 
 class CacheServerMetrics(Collector):
@@ -84,6 +87,14 @@ def serve_metrics(settings: Settings, engine: Engine, cache: LMCacheServer | Non
         restarts = Gauge("worker_lmcache_restarts", "Times the LMCache server was restarted.")
         restarts.set_function(lambda: float(cache.restarts))
         REGISTRY.register(CacheServerMetrics(cache))
-    start_http_server(
-        settings.metrics_port, addr=settings.metrics_host, registry=served_registry(settings)
-    )
+    try:
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=served_registry(settings)
+        )
+    except OSError as exc:  # metrics are for watching the worker: never a reason to stop it
+        log.warning(
+            "metrics: cannot serve on %s:%d (%s); the worker runs without them",
+            settings.metrics_host,
+            settings.metrics_port,
+            exc.strerror or type(exc).__name__,
+        )

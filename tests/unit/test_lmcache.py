@@ -14,6 +14,8 @@ from handler.lmcache import (
     Ports,
     auto_l1_size_gb,
     connector_config,
+    ephemeral_low,
+    free_port,
     l2_adapters,
     memory_limit_bytes,
     resp_alive,
@@ -177,3 +179,24 @@ def test_resp_alive() -> None:
         assert resp_alive("127.0.0.1", port)
         thread.join()
     assert not resp_alive("127.0.0.1", port, timeout_s=0.5)
+
+
+def test_a_free_port_is_drawn_below_the_kernels_ephemeral_range(tmp_path: Path) -> None:
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    ports = {free_port(ephemeral=str(ranges)) for _ in range(20)}
+    assert all(10_000 <= port < 32768 for port in ports), ports
+    assert len(ports) > 1  # drawn at random, not the same port for every caller
+    for port in ports:  # and free: it binds
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_a_free_port_with_no_room_below_the_range_is_the_kernels(tmp_path: Path) -> None:
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("10500 60999\n")
+    port = free_port(ephemeral=str(ranges))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+    assert ephemeral_low(str(ranges)) == 10500
+    assert ephemeral_low(str(tmp_path / "missing")) == 32768
