@@ -2,9 +2,11 @@
 
 In production every value a handler yields is one HTTP POST to RunPod, and runpod's SDK awaits
 each POST before it pulls the next value. :func:`coalesce` therefore reads the engine's events in a
-task of its own and hands out batches: every event at once until one with generated output has
-gone out (vLLM's chat stream opens with a role-only chunk, and a first token can decode to ""),
-later ones merged until the next flush tick, and whatever piled up while a POST was in flight.
+task of its own and hands out batches: the first with the stream's first generated output, the
+moment it comes (vLLM's chat stream opens with a role-only chunk, and a first token can decode to
+"": those wait for it, for one interval at most, so that the first token is in the first POST,
+not behind it), later ones merged until the next flush tick, and whatever piled up while a POST
+was in flight.
 Ticks are multiples of the flush interval on one clock, so all of the worker's streams flush
 together, once an interval (:func:`next_tick`).
 A batch never splits an event, so no SSE event and no UTF-8 character is ever cut.
@@ -66,6 +68,27 @@ async def _fill_until(
             return
 
 
+async def _fill_until_output(
+    queue: asyncio.Queue[object], batch: list[object], deadline: float, clock: Callable[[], float]
+) -> None:
+    """Before a stream's first output: add events until one carries output (it goes at once, and
+    with it what came before it: a role-only chunk, a first token that decoded to ""), or the
+    deadline passes, or the stream ends. Each stream POST is a round trip to RunPod, and one
+    sent before the output would hold the first token behind it."""
+    while True:
+        _take_ready(queue, batch)
+        last = batch[-1]
+        if _is_last(last) or any(carries_output(e) for e in batch if isinstance(e, str)):
+            return
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return
+        try:
+            batch.append(await asyncio.wait_for(queue.get(), remaining))
+        except TimeoutError:
+            return
+
+
 class Pacer:
     """How long each stream merges its events: the flush interval, or longer when the worker's
     streams together would POST more than ``posts_per_s`` times a second (each POST costs the
@@ -97,8 +120,10 @@ async def coalesce(
 ) -> AsyncIterator[list[str]]:
     """Batches of consecutive events; each batch is one yield, hence one POST to RunPod.
 
-    Until an event with generated output has gone out, every batch goes at once (with whatever
-    is already waiting): nothing holds the first token. ``interval`` (seconds, or a function
+    Until an event with generated output has gone out, events without output (a role-only
+    chunk, an empty first token) wait for the first one, for at most an interval, and the batch
+    that holds it goes at once: nothing holds the first token, and it is in the stream's first
+    POST. ``interval`` (seconds, or a function
     read before each batch, such as :meth:`Pacer.interval`) <= 0 gives every event its own
     batch. Closing or cancelling the reader cancels the
     task that reads ``events`` (which aborts the engine request behind it).
@@ -114,7 +139,7 @@ async def coalesce(
             if wait > 0 and output_sent:
                 await _fill_until(queue, batch, next_tick(last_flush, wait), clock)
             elif wait > 0:
-                _take_ready(queue, batch)
+                await _fill_until_output(queue, batch, clock() + wait, clock)
             events_out = [item for item in batch if isinstance(item, str)]
             if events_out:
                 yield events_out

@@ -52,7 +52,7 @@ async def test_interval_zero_sends_every_event_alone() -> None:
     assert await collect(source(), 0) == [["a"], ["b"], ["c"], ["d"]]
 
 
-async def test_events_go_at_once_until_output_has_gone_then_merge() -> None:
+async def test_the_first_output_goes_at_once_with_what_came_before_it_then_events_merge() -> None:
     gate: asyncio.Queue[str | None] = asyncio.Queue()
     log: list[str] = []
     batches: list[list[str]] = []
@@ -62,23 +62,53 @@ async def test_events_go_at_once_until_output_has_gone_then_merge() -> None:
             batches.append(batch)
 
     task = asyncio.create_task(consume())
-    for event in [ROLE, tok(""), tok("The")]:  # no output yet, twice, then the first token
+    for event in [ROLE, tok("")]:  # no output yet, twice: held for the first output
         await gate.put(event)
         await settle()
-        assert batches[-1] == [event]  # out before the next event exists
+    assert batches == []
+    await gate.put(tok("The"))  # the first token: out before the next event exists
+    await settle()
+    assert batches == [[ROLE, tok(""), tok("The")]]
     for event in [tok(" capital"), tok(" is"), tok(" Paris")]:
         await gate.put(event)
         await settle()
-    assert len(batches) == 3  # held: the interval has not passed
+    assert len(batches) == 1  # held: the interval has not passed
     await gate.put(None)
     await task
     assert batches == [
-        [ROLE],
-        [tok("")],
-        [tok("The")],
+        [ROLE, tok(""), tok("The")],
         [tok(" capital"), tok(" is"), tok(" Paris")],
     ]
     assert log == ["closed"]
+
+
+async def test_events_without_output_wait_for_it_one_interval_at_most() -> None:
+    gate: asyncio.Queue[str | None] = asyncio.Queue()
+    batches: list[list[str]] = []
+    out = asyncio.Event()
+
+    async def consume() -> None:
+        async for batch in coalesce(gated(gate, []), 0.05):
+            batches.append(batch)
+            out.set()
+
+    task = asyncio.create_task(consume())
+    await gate.put(ROLE)  # and no token follows (a tool-call parser holding its output)
+    await asyncio.wait_for(out.wait(), 30)  # goes once the 50 ms interval has passed
+    assert batches == [[ROLE]]
+    await gate.put(tok("The"))
+    await gate.put(None)
+    await task
+    assert batches == [[ROLE], [tok("The")]]
+
+
+async def test_a_stream_that_ends_before_any_output_is_not_held() -> None:
+    async def source() -> AsyncIterator[str]:
+        yield ROLE
+        yield tok("")
+
+    # the end is what lets the batch go, not the 60 s interval (which would time this out)
+    assert await asyncio.wait_for(collect(source(), 60.0), 30) == [[ROLE, tok("")]]
 
 
 async def test_a_held_event_goes_out_when_the_interval_passes() -> None:
