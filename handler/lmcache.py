@@ -4,7 +4,10 @@ connector configuration that points vLLM at it.
 In: :class:`~handler.settings.Settings`. The server gets a RAM tier (L1), optional L2 adapters
 (a local disk folder, a shared Redis/Valkey or S3 store, raw adapter JSON) and loopback ports
 picked at start. vLLM gets ``LMCacheMPConnector`` with ``kv_load_failure_policy: recompute``
-and a short message-queue timeout, so a sick cache costs a recompute, never a failed request.
+and a short message-queue timeout, so a sick cache costs a recompute, never a failed request;
+through the worker's subclass of it (:mod:`handler.engine.lmcache_connector`), which answers a
+lookup in the scheduler pass that asked, so a miss costs no scheduler passes, and skips a store
+the server never answers.
 
 Supervision: if the server exits, one warning is logged and it is started again on the same
 ports; vLLM's LMCache adapter notices through its heartbeat and registers its KV caches again.
@@ -200,18 +203,30 @@ def server_command(
     return argv + shlex.split(settings.lmcache_server_args)
 
 
+# kv_connector_extra_config: how long a scheduler pass may wait for its lookups' answers
+LOOKUP_WAIT_KEY = "worker.lookup_wait_ms"
+
+
 def connector_config(settings: Settings, ports: Ports) -> dict[str, Any]:
-    """vLLM's ``--kv-transfer-config`` for the server on ``ports``."""
+    """vLLM's ``--kv-transfer-config`` for the server on ``ports``: the worker's subclass of
+    LMCache's connector (:mod:`handler.engine.lmcache_connector`), which with
+    ``LMCACHE_LOOKUP_WAIT_MS`` waits that long in a scheduler pass for its lookups' answers."""
+    extra: dict[str, Any] = {
+        "lmcache.mp.host": f"tcp://{HOST}",
+        "lmcache.mp.port": ports.port,
+        "lmcache.mp.mq_timeout": settings.lmcache_timeout_s,
+        "lmcache.mp.heartbeat_interval": HEARTBEAT_S,
+        LOOKUP_WAIT_KEY: settings.lmcache_lookup_wait_ms,
+    }
+    if settings.lmcache_lookup_wait_ms > 0:
+        # each LOOKUP sent as its request arrives: a burst's are answered together
+        extra["lmcache.mp.eager_prefetch"] = True
     return {
-        "kv_connector": "LMCacheMPConnector",
+        "kv_connector": "WorkerLMCacheConnector",
+        "kv_connector_module_path": "handler.engine.lmcache_connector",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {
-            "lmcache.mp.host": f"tcp://{HOST}",
-            "lmcache.mp.port": ports.port,
-            "lmcache.mp.mq_timeout": settings.lmcache_timeout_s,
-            "lmcache.mp.heartbeat_interval": HEARTBEAT_S,
-        },
+        "kv_connector_extra_config": extra,
     }
 
 

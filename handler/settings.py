@@ -334,6 +334,17 @@ class Settings(BaseModel):
         gt=0,
         description="How long the engine waits on the cache server before it recomputes.",
     )
+    lmcache_lookup_wait_ms: float = Field(
+        20.0,
+        alias="LMCACHE_LOOKUP_WAIT_MS",
+        ge=0,
+        le=1000,
+        description="How long vLLM's scheduler may wait, in one pass over its waiting requests, "
+        "for the cache server's answers to their lookups (all of them together). LMCache's own "
+        "connector never waits: each new request, hit or miss, is then put off two or three "
+        "scheduler passes (whole forward steps while other requests run). A server slower than "
+        "this gets that behaviour. 0: LMCache's own lookups, unchanged.",
+    )
     lora_modules: str | None = Field(
         None,
         alias="LORA_MODULES",

@@ -49,6 +49,7 @@ LAYERS: dict[str, list[list[str]]] = {
             "handler.engine.asgi",
             "handler.engine.media_connector",
             "handler.engine.lora",
+            "handler.engine.lmcache_connector",
         ],
         ["handler.engine.vllm_engine", "handler.jobs"],
         ["handler.cold_start"],  # the steps both entry points share

@@ -131,7 +131,8 @@ def test_the_connector_never_fails_a_request_and_reports_cached_tokens() -> None
     settings = load_settings({"LMCACHE_TIMEOUT_S": "3"})
     config = connector_config(settings, PORTS)
     assert config == {
-        "kv_connector": "LMCacheMPConnector",
+        "kv_connector": "WorkerLMCacheConnector",
+        "kv_connector_module_path": "handler.engine.lmcache_connector",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
@@ -139,12 +140,21 @@ def test_the_connector_never_fails_a_request_and_reports_cached_tokens() -> None
             "lmcache.mp.port": 7001,
             "lmcache.mp.mq_timeout": 3.0,
             "lmcache.mp.heartbeat_interval": 2.0,
+            "lmcache.mp.eager_prefetch": True,
+            "worker.lookup_wait_ms": 20.0,
         },
     }
     argv = owned_args(settings, config)
     assert json.loads(argv[argv.index("--kv-transfer-config") + 1]) == config
     assert "--enable-prompt-tokens-details" in argv
     assert "--kv-transfer-config" not in owned_args(settings)
+
+
+def test_a_lookup_wait_of_zero_looks_up_as_lmcache_does() -> None:
+    settings = load_settings({"LMCACHE_LOOKUP_WAIT_MS": "0"})
+    extra = connector_config(settings, PORTS)["kv_connector_extra_config"]
+    assert extra["worker.lookup_wait_ms"] == 0.0
+    assert "lmcache.mp.eager_prefetch" not in extra  # LMCache's default: off
 
 
 def test_l1_is_sized_to_the_memory_the_worker_may_use(tmp_path: Path) -> None:
