@@ -15,7 +15,7 @@ Prints, per path, each hop's median time after the client sent the request, and 
 step from the hop before it; and each burst's spread of arrivals at the engine.
 
 Usage: scripts/in-env python -m bench.burst_timeline [--bursts 4] [--concurrency 16]
-    [--lmcache on|off] [--json FILE]
+    [--lmcache on|off] [--post-delay-ms 100] [--json FILE]
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
     traces.mkdir()
     traced = {**env, "BURST_TRACE_DIR": str(traces)}
     (tmp / "full").mkdir()
-    full = start_endpoint(ROOT, tmp / "full", traced, 0.0, first=str(TRACE))
+    full = start_endpoint(ROOT, tmp / "full", traced, options.post_delay_ms, first=str(TRACE))
     port = free_port()
     serve_env = {**traced, "PYTHONPATH": f"{TRACE}:{ROOT}"}
     serve = start_vllm_serve(tmp, serve_env, port)
@@ -204,7 +204,11 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
         stop_vllm_serve(serve)
     marks = read_marks(traces) + read_marks(tmp)
     requests = by_request(marks)
-    result: dict[str, Any] = {"lmcache": options.lmcache, "concurrency": options.concurrency}
+    result: dict[str, Any] = {
+        "lmcache": options.lmcache,
+        "concurrency": options.concurrency,
+        "post_delay_ms": options.post_delay_ms,
+    }
     for name in ("full path", "vllm serve"):
         mine = {t: v for t, v in requests.items() if t[0] == name[0] and not t.startswith("w")}
         result[name] = report(name, mine)
@@ -226,6 +230,12 @@ def main() -> None:
     parser.add_argument("--lmcache", choices=("on", "off"), default="on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the medians here")
+    parser.add_argument(
+        "--post-delay-ms",
+        type=float,
+        default=0.0,
+        help="the local endpoint's added delay per stream POST (RunPod's round trip)",
+    )
     parser.add_argument(
         "--switch-interval", help="sys.setswitchinterval in the traced processes (an experiment)"
     )

@@ -89,8 +89,10 @@ PATHS = {
     "full": "full path",
     "post100": "full path, POST +100 ms",
     "before": "full path before",
+    "before100": "full path before, POST +100 ms",
 }
-POST_DELAY_MS = {"post100": 100.0}
+POST_DELAY_MS = {"post100": 100.0, "before100": 100.0}
+BEFORE = ("before", "before100")  # the paths run from --before REV
 
 
 @dataclass
@@ -119,8 +121,9 @@ class Cell:
         mode = "streamed" if self.streamed else "one-shot"
         if self.probe:
             mode = "TTFT probe"
-        if self.path == "post100":
-            return f"full path, {mode}, POST +{self.post_delay_ms:.0f} ms"
+        if self.path in POST_DELAY_MS:
+            where = "full path before" if self.path in BEFORE else "full path"
+            return f"{where}, {mode}, POST +{self.post_delay_ms:.0f} ms"
         return f"{PATHS[self.path]}, {mode}"
 
     def summarise(self, wall_s: float) -> None:
@@ -517,7 +520,7 @@ class Plan:
     def cells(self) -> int:
         streamed = sum(self.modes) * len(self.concurrency) * len(self.paths)
         one_shot = (len(self.modes) - sum(self.modes)) * len(self.concurrency)
-        one_shot *= len([p for p in self.paths if p != "post100"])
+        one_shot *= len([p for p in self.paths if p not in POST_DELAY_MS])
         return streamed + one_shot + (len(self.paths) if self.probe_requests else 0)
 
 
@@ -552,8 +555,9 @@ async def lanes(env: dict[str, str], plan: Plan, tmp: Path) -> Any:
     import openai
 
     roots = {"full": ROOT, "post100": ROOT}
-    if "before" in plan.paths:
-        roots["before"] = checkout(plan.before or "HEAD", tmp / "before-tree")
+    if set(BEFORE) & set(plan.paths):
+        tree = checkout(plan.before or "HEAD", tmp / "before-tree")
+        roots.update({name: tree for name in BEFORE})
     servers: dict[str, Started] = {}
     port = free_port()
     async with contextlib.AsyncExitStack() as stack:
@@ -604,7 +608,7 @@ async def measure(env: dict[str, str], plan: Plan, progress: Progress) -> list[C
                 probes = [
                     Way(Cell(name, True, 1, probe=True), lane.call(True), lane.posts, lane.owns)
                     for name, lane in found.items()
-                    if name != "post100"
+                    if name not in POST_DELAY_MS
                 ]
                 prompts = plan.probe_prompts()
                 cells += await interleaved(probes, prompts, 1, plan.probe_tokens, progress)
@@ -618,7 +622,7 @@ async def measure(env: dict[str, str], plan: Plan, progress: Progress) -> list[C
                             lane.owns,
                         )
                         for name, lane in found.items()
-                        if streamed or name != "post100"  # one POST a job: nothing to delay
+                        if streamed or name not in POST_DELAY_MS  # one POST a job: no delay
                     ]
                     prompts = plan.prompts(streamed, c)
                     cells += await interleaved(ways, prompts, c, plan.max_tokens, progress)
@@ -723,6 +727,14 @@ def targets(cells: list[Cell], plan: Plan) -> list[dict[str, Any]]:
                         f"output tok/s, POST +100 ms / bare, c={c}", delayed.tok_s / bare.tok_s, 0.9
                     )
                 )
+            if serve and delayed and streamed and c in (1, 16):
+                # each stream POST a round trip to RunPod: the first token waits for one only
+                bound = 100.0 + (20.0 if c > 1 else 0.0)
+                ttft = (delayed.ttft_p50_ms or 0.0) - (serve.ttft_p50_ms or 0.0)
+                name = f"TTFT p50, POST +100 ms - vllm serve, ms, c={c}"
+                rows.append(target(name, ttft, bound, at_most=True))
+                name = f"output tok/s, POST +100 ms / vllm serve, c={c}"
+                rows.append(target(name, delayed.tok_s / serve.tok_s, 0.98))
     return rows
 
 
@@ -980,9 +992,9 @@ def parse_plan(options: argparse.Namespace, vocab: int) -> Plan:
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
         raise SystemExit(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
-    if "before" in paths and not options.before:
-        raise SystemExit("--paths before needs --before REV (a commit of this repository)")
-    if options.before and "before" not in paths:
+    if set(BEFORE) & set(paths) and not options.before:
+        raise SystemExit("--paths before[100] needs --before REV (a commit of this repository)")
+    if options.before and not set(BEFORE) & set(paths):
         paths.append("before")
     modes = [m.strip() for m in options.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"streamed", "one-shot"}:

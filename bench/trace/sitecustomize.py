@@ -98,6 +98,7 @@ def _patch_rp_scale(module: Any) -> None:
 def _patch_job_loop(module: Any) -> None:
     handle_job, post_result = module.handle_job, module.post_result
     posted: set[str] = set()
+    with_output: set[str] = set()
 
     async def traced_handle_job(session: Any, config: Any, job: Any) -> Any:
         mark("worker: job started", _job_key(job))
@@ -111,12 +112,26 @@ def _patch_job_loop(module: Any) -> None:
         if first:
             posted.add(key)
             mark("worker: first stream POST sent", key)
+        output = kind == module.STREAM and key not in with_output and _carries_output(data)
+        if output:
+            with_output.add(key)
+            mark("worker: first stream POST with output sent", key)
         delivered = await post_result(session, job, data, kind, **kwargs)
         if first:
             mark("worker: first stream POST answered", key)
+        if output:
+            mark("worker: first stream POST with output answered", key)
         return delivered
 
     module.handle_job, module.post_result = traced_handle_job, traced_post_result
+
+
+def _carries_output(data: Any) -> bool:
+    """Whether a stream POST's value carries generated output (the OpenAI route's SSE text)."""
+    from handler.streaming import carries_output
+
+    value = data.get("output") if isinstance(data, dict) else None
+    return not isinstance(value, str) or carries_output(value)
 
 
 def _patch_engine(module: Any) -> None:
