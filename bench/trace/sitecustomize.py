@@ -43,8 +43,8 @@ def _patch_jobstore(module: Any) -> None:
     store = module.JobStore
     submit, take, add_output = store.submit, store.take, store.add_output
 
-    def traced_submit(self: Any, job_input: Any) -> Any:
-        job = submit(self, job_input)
+    def traced_submit(self: Any, job_input: Any, *args: Any, **kwargs: Any) -> Any:
+        job = submit(self, job_input, *args, **kwargs)
         body = job_input.get("openai_input") if isinstance(job_input, dict) else None
         tag = body.get("user") if isinstance(body, dict) else None
         mark("endpoint: job queued", job.id)
