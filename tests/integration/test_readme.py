@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from local_endpoint.harness import MODEL_ID, LocalEndpoint, local_endpoint
+from local_endpoint.harness import MODEL_ID, LocalEndpoint
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +36,9 @@ def snippets() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def endpoint(
-    tmp_path_factory: pytest.TempPathFactory, worker_env: dict[str, str]
-) -> Iterator[LocalEndpoint]:
-    with local_endpoint(tmp_path_factory.mktemp("readme"), worker_env) as started:
-        yield started
+def endpoint(openai_endpoint: LocalEndpoint) -> LocalEndpoint:
+    """The session's endpoint: one real worker on the default model (with a LoRA adapter more)."""
+    return openai_endpoint
 
 
 def localized(code: str, endpoint: LocalEndpoint) -> str:
