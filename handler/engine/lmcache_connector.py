@@ -9,8 +9,8 @@ for the prefetch status, and only then is there an answer (0 for a miss). vLLM s
 while its answer is unknown, so every request, hit or miss, waits two or three scheduler passes
 before it can be scheduled: a few milliseconds on an idle engine, a whole forward step each
 while other requests run (a burst of 16 entered the engine in steps of 1+0+0+15 where it took
-1+15 without LMCache). The server answers on loopback in well under a millisecond, and a prompt
-shorter than one chunk (256 tokens), which can never hit, in less.
+1+15 without LMCache). On loopback the answer comes within a millisecond or two, also for a
+prompt shorter than one chunk (256 tokens), which can never hit.
 
 :class:`WorkerLMCacheConnector` asks again, within the same pass, until the answer comes or the
 pass has waited ``lookup_wait_ms`` in all (its requests' lookups together): what the scheduler
@@ -41,7 +41,7 @@ log = logging.getLogger("handler.engine.lmcache_connector")
 _POLL_S = 0.0002  # between two looks at an answer that is on its way (the GIL is let go)
 
 
-Found = tuple["int | None", bool]  # vLLM's answer shape: tokens (None: not known yet), async load
+Found = tuple[int | None, bool]  # vLLM's answer shape: tokens (None: not known yet), async load
 
 
 def answer_within(
