@@ -156,6 +156,16 @@ def shm_fits(l1_size_gb: float, shm_dir: str = SHM_DIR) -> bool:
     return stats.f_bavail * stats.f_frsize >= l1_size_gb * 2**30 * 1.1
 
 
+def shared_memory(wanted: bool | None, l1_size_gb: float, shm_dir: str = SHM_DIR) -> bool:
+    """Whether the RAM tier goes to shared memory: asked for (``wanted``) and it fits, or, by
+    default, when twice it fits. The tier is sparse (its pages count once written), and after a
+    server restart the engine still maps the old, unlinked tier while the new one fills: a full
+    /dev/shm would then fault the writer (SIGBUS), which nothing can catch."""
+    if wanted is None:
+        return shm_fits(2 * l1_size_gb, shm_dir)
+    return wanted and shm_fits(l1_size_gb, shm_dir)
+
+
 def server_command(
     settings: Settings,
     ports: Ports,
@@ -281,7 +291,7 @@ class LMCacheServer:
             memory_limit_bytes(), settings.runpod_min_memory_gb
         )
         self.command: list[str] = []
-        self.shm = settings.lmcache_shared_memory and shm_fits(self.l1_size_gb)
+        self.shm = shared_memory(settings.lmcache_shared_memory, self.l1_size_gb)
         if settings.lmcache_shared_memory and not self.shm:
             log.warning("LMCACHE_SHARED_MEMORY: %s cannot hold the RAM tier; not used", SHM_DIR)
         self.restarts = 0

@@ -321,12 +321,13 @@ class Settings(BaseModel):
         alias="LMCACHE_SERVER_ARGS",
         description="Further `lmcache server` flags, shell-quoted.",
     )
-    lmcache_shared_memory: bool = Field(
-        False,
+    lmcache_shared_memory: bool | None = Field(
+        None,
         alias="LMCACHE_SHARED_MEMORY",
-        description="Put the RAM tier in /dev/shm, where the engine reads it directly (about 2x "
-        "faster cache hits); with LMCache 0.5.6 a cache server that dies mid-store then takes "
-        "the engine down.",
+        description="Put the RAM tier in /dev/shm, where the engine reads and writes it "
+        "directly, instead of passing the KV data through LMCache's socket pickled (hits 1.4-1.8x "
+        "faster on CPU). Unset: when /dev/shm can hold twice the RAM tier (a restarted server's "
+        "new tier beside the old one the engine still maps). true: whenever it holds it once.",
     )
     lmcache_timeout_s: float = Field(
         5.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -22,6 +23,7 @@ from handler.lmcache import (
     resp_stores,
     server_command,
     server_environment,
+    shared_memory,
     shm_fits,
     store_adapter,
 )
@@ -210,3 +212,15 @@ def test_a_free_port_with_no_room_below_the_range_is_the_kernels(tmp_path: Path)
         sock.bind(("127.0.0.1", port))
     assert ephemeral_low(str(ranges)) == 10500
     assert ephemeral_low(str(tmp_path / "missing")) == 32768
+
+
+def test_shared_memory_by_default_when_twice_the_ram_tier_fits(tmp_path: Path) -> None:
+    free_gb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize / 2**30
+    fits_once = free_gb / 1.5  # fits once (with LMCache's margin), not twice
+    assert shared_memory(None, free_gb / 4, str(tmp_path))
+    assert not shared_memory(None, fits_once, str(tmp_path))
+    assert shared_memory(True, fits_once, str(tmp_path))
+    assert not shared_memory(False, free_gb / 4, str(tmp_path))
+    assert not shared_memory(None, 0.001, str(tmp_path / "absent"))
+    assert load_settings({}).lmcache_shared_memory is None
+    assert load_settings({"LMCACHE_SHARED_MEMORY": "false"}).lmcache_shared_memory is False
