@@ -234,3 +234,29 @@ def test_vllm_benchmark_client_finishes_without_failures(
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["completed"], result["failed"]) == (16, 0)
     assert result["total_output_tokens"] == 16 * 16
+
+
+def test_a_streams_first_post_carries_its_first_token(endpoint: LocalEndpoint) -> None:
+    """Each stream POST is a round trip to RunPod: the role-only chunk vLLM opens a chat stream
+    with goes in the same POST as the first token, not in one of its own ahead of it."""
+    job = {
+        "openai_route": "/v1/chat/completions",
+        "openai_input": {"model": MODEL_ID, "messages": QUESTION, "stream": True, **GREEDY},
+    }
+    status, body = endpoint.call("POST", "/runsync", {"input": job}, timeout=240)
+    assert status == 200 and body["status"] == "COMPLETED", body
+    posts = body["output"]  # what the job yielded: one value per stream POST
+    first = [
+        json.loads(line.removeprefix("data: "))
+        for line in posts[0].splitlines()
+        if line.startswith("data: {")
+    ]
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in first)
+    text = "".join(
+        json.loads(line.removeprefix("data: "))["choices"][0]["delta"].get("content") or ""
+        for post in posts
+        for line in post.splitlines()
+        if line.startswith("data: {")
+    )
+    assert text == ANSWER
