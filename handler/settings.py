@@ -326,8 +326,9 @@ class Settings(BaseModel):
         alias="LMCACHE_SHARED_MEMORY",
         description="Put the RAM tier in /dev/shm, where the engine reads and writes it "
         "directly, instead of passing the KV data through LMCache's socket pickled (hits about 2x "
-        "faster on CPU). Unset: when /dev/shm can hold twice the RAM tier (a restarted server's "
-        "new tier beside the old one the engine still maps). true: whenever it holds it once.",
+        "faster on CPU). Unset: on vLLM's CPU build, when /dev/shm can hold twice the RAM tier (a "
+        "restarted server's new tier beside the old one the engine still maps); on a GPU LMCache "
+        "moves the data by CUDA IPC. true: whenever /dev/shm holds the tier once.",
     )
     lmcache_timeout_s: float = Field(
         5.0,

