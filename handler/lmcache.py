@@ -3,11 +3,10 @@ connector configuration that points vLLM at it.
 
 In: :class:`~handler.settings.Settings`. The server gets a RAM tier (L1), optional L2 adapters
 (a local disk folder, a shared Redis/Valkey or S3 store, raw adapter JSON) and loopback ports
-picked at start. vLLM gets ``LMCacheMPConnector`` with ``kv_load_failure_policy: recompute``
-and a short message-queue timeout, so a sick cache costs a recompute, never a failed request;
-through the worker's subclass of it (:mod:`handler.engine.lmcache_connector`), which answers a
-lookup in the scheduler pass that asked, so a miss costs no scheduler passes, and skips a store
-the server never answers.
+picked at start. vLLM gets LMCache's ``LMCacheMPConnector``, through the worker's subclass of it
+(:mod:`handler.engine.lmcache_connector`: a lookup answered in the scheduler pass that asked, a
+store the server never answers skipped), with ``kv_load_failure_policy: recompute`` and a short
+message-queue timeout, so a sick cache costs a recompute, never a failed request.
 
 Supervision: if the server exits, one warning is logged and it is started again on the same
 ports; vLLM's LMCache adapter notices through its heartbeat and registers its KV caches again.
