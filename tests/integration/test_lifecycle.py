@@ -1,15 +1,14 @@
 """Shutdown and death of a real worker under runpod's production loop (the local endpoint, one
 worker, LMCache on, ``SHUTDOWN_GRACE_S`` 8 s; the endpoint starts a worker again after each).
 
-* SIGTERM with a job generating: the worker takes no further job, the job finishes whole, the
+* SIGTERM with two jobs generating: the worker takes no further job, the short job finishes
+  whole, the one longer than the grace period ends with a 503 error once it has passed, and the
   worker exits 0 and leaves no process (engine core, LMCache server) behind.
-* SIGTERM with a job longer than the grace period: the job ends with a 503 error once the grace
-  period has passed, and the worker exits 0 with nothing left.
-* The engine core process killed: the job generating ends FAILED with a 503 error and the worker
-  exits non-zero, with nothing left; the job stays FAILED (RunPod retries nothing by itself)
-  until the client's ``/retry``, which the replacement worker completes. A ``/runsync`` client
-  gets the failure as its answer. Through the OpenAI route, a stream ends with the 503 error
-  event and the job counts as failed.
+* The engine core process killed with three jobs running (one death for all: each worker start
+  costs ~35 s): each ends FAILED with a 503 error as its client sees it (a ``/runsync`` answer,
+  an OpenAI stream's error event, a ``/run`` job's status) and the worker exits non-zero, with
+  nothing left; the ``/run`` job stays FAILED (RunPod retries nothing by itself) until the
+  client's ``/retry``, which the replacement worker completes.
 
 Every kill or signal comes after the state it interrupts was seen from outside: a job's first
 output at ``/stream`` (or the OpenAI stream's first chunks), a job taken (``/health``), the
@@ -108,11 +107,17 @@ def unavailable(status: dict[str, Any]) -> None:
     assert (error["code"], error["type"]) == (503, "ServiceUnavailableError"), error
 
 
-def test_sigterm_finishes_the_running_job_takes_no_other_and_leaves_nothing(
+def test_sigterm_finishes_what_fits_the_grace_period_fails_the_rest_and_takes_no_other(
     endpoint: LocalEndpoint,
 ) -> None:
-    worker, job_id = start_generating(endpoint, 100)
+    """One SIGTERM with two jobs generating: the short one finishes whole, the one longer than
+    the grace period ends with a 503 once it has passed; a job sent after the worker stopped
+    taking jobs waits in the queue for the next start; the worker exits 0 with nothing left."""
+    worker, short = start_generating(endpoint, 50)
+    long = submit(endpoint, story(1500))
+    endpoint.first_output(long)
     stops = endpoint.log.read_text(errors="replace").count(STOPPING)
+    signalled = time.monotonic()
     os.kill(int(worker["pid"]), signal.SIGTERM)
     endpoint.wait_for(
         lambda: (
@@ -125,9 +130,15 @@ def test_sigterm_finishes_the_running_job_takes_no_other_and_leaves_nothing(
         endpoint, {"prompt": "The capital of France is", "sampling_params": {"max_tokens": 4}}
     )
 
-    done = endpoint.wait_status(job_id)
+    done = endpoint.wait_status(short)
     assert done["status"] == "COMPLETED", done
-    assert done["output"][-1]["usage"]["completion_tokens"] == 100
+    assert done["output"][-1]["usage"]["completion_tokens"] == 50
+    cut = endpoint.wait_status(long)
+    assert time.monotonic() - signalled >= GRACE_S  # not before the grace period
+    unavailable(cut)
+    assert json.loads(cut["error"])["error"]["message"] == (
+        "The worker was stopped and the job did not finish within 8 s; send it again."
+    )
     assert exit_of(endpoint, worker["starts"]) == {"code": 0, "left_behind": 0}
 
     # the stopping worker left the late job queued; the next start runs it
@@ -136,71 +147,7 @@ def test_sigterm_finishes_the_running_job_takes_no_other_and_leaves_nothing(
     assert later["workerId"] != worker["id"]
 
 
-def test_sigterm_fails_a_job_that_outlasts_the_grace_period(endpoint: LocalEndpoint) -> None:
-    worker, job_id = start_generating(endpoint, 1500)
-    signalled = time.monotonic()
-    os.kill(int(worker["pid"]), signal.SIGTERM)
-
-    done = endpoint.wait_status(job_id)
-    assert time.monotonic() - signalled >= GRACE_S  # not before the grace period
-    unavailable(done)
-    assert json.loads(done["error"])["error"]["message"] == (
-        "The worker was stopped and the job did not finish within 8 s; send it again."
-    )
-    assert exit_of(endpoint, worker["starts"]) == {"code": 0, "left_behind": 0}
-
-
-def test_engine_core_death_fails_the_job_which_stays_failed_until_retried(
-    endpoint: LocalEndpoint,
-) -> None:
-    worker, job_id = start_generating(endpoint, 300)
-    engine_core(worker).kill()
-
-    failed = endpoint.wait_status(job_id)
-    unavailable(failed)
-    assert exit_of(endpoint, worker["starts"]) == {"code": 1, "left_behind": 0}
-    replacement = ready_worker(endpoint)
-    assert endpoint.status(job_id) == failed  # nothing retried it meanwhile
-
-    assert endpoint.call("POST", f"/retry/{job_id}") == (200, {"id": job_id, "status": "IN_QUEUE"})
-    done = endpoint.wait_status(job_id)
-    assert done["status"] == "COMPLETED", done
-    assert done["workerId"] == replacement["id"]
-    assert done["output"][-1]["usage"]["completion_tokens"] == 300
-
-
-def test_engine_core_death_answers_a_runsync_client_with_the_failure(
-    endpoint: LocalEndpoint,
-) -> None:
-    """Killed while the job is taken (before or after its first output: the outcome is the same
-    since nothing is retried), the /runsync answer is the 503 failure."""
-    worker = ready_worker(endpoint)
-    before = endpoint.call("GET", "/health")[1]["jobs"]
-    assert before["inProgress"] == 0
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(
-            endpoint.call, "POST", "/runsync", {"input": story(300, stream=False)}, None, 300
-        )
-        endpoint.wait_for(
-            lambda: endpoint.call("GET", "/health")[1]["jobs"]["inProgress"] == 1,
-            "the worker to take the job",
-        )
-        engine_core(worker).kill()
-        code, body = answer.result()
-    assert code == 200, body
-    unavailable(body)
-    assert exit_of(endpoint, worker["starts"]) == {"code": 1, "left_behind": 0}
-    after = endpoint.call("GET", "/health")[1]["jobs"]
-    assert (after["failed"], after["completed"]) == (before["failed"] + 1, before["completed"])
-
-
-def test_engine_core_death_during_an_openai_stream_fails_the_job_with_a_503(
-    endpoint: LocalEndpoint,
-) -> None:
-    """What an OpenAI client sees when the engine dies mid-stream: the chunks so far, then the
-    503 error event (so clients that retry on 503 do), and the job counts as failed."""
-    worker = ready_worker(endpoint)
-    before = endpoint.call("GET", "/health")[1]["jobs"]
+def openai_story_request(endpoint: LocalEndpoint) -> tuple[str, dict[str, Any], dict[str, str]]:
     body = {
         "model": "SmolLM2-135M-Instruct",
         "messages": [{"role": "user", "content": "Tell me a long story."}],
@@ -208,20 +155,59 @@ def test_engine_core_death_during_an_openai_stream_fails_the_job_with_a_503(
         "ignore_eos": True,
         "stream": True,
     }
-    events: list[str] = []
     headers = {"Authorization": f"Bearer {endpoint.key}"}
-    with httpx.stream(
-        "POST", f"{endpoint.openai_base}/chat/completions", json=body, headers=headers, timeout=240
-    ) as response:
+    return f"{endpoint.openai_base}/chat/completions", body, headers
+
+
+def test_engine_core_death_fails_every_job_as_its_client_sees_it_until_retried(
+    endpoint: LocalEndpoint,
+) -> None:
+    """One engine death with three jobs running, one for each way a client waits: a /runsync
+    client gets the 503 failure as its answer; an OpenAI stream gets the chunks so far, then the
+    503 error event (so clients that retry on 503 do); a /run job ends FAILED with the 503 and
+    stays so (RunPod retries nothing by itself) until the client's /retry, which the
+    replacement worker completes. The worker exits 1 and leaves nothing behind."""
+    worker = ready_worker(endpoint)
+    before = endpoint.call("GET", "/health")[1]["jobs"]
+    assert before["inProgress"] == 0
+    url, body, headers = openai_story_request(endpoint)
+    events: list[str] = []
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        httpx.stream("POST", url, json=body, headers=headers, timeout=240) as response,
+    ):
         assert response.status_code == 200
         lines = response.iter_lines()
         events += [line for line in itertools.islice(lines, 6) if line]
+        answer = pool.submit(
+            endpoint.call, "POST", "/runsync", {"input": story(1500, stream=False)}, None, 300
+        )
+        endpoint.wait_for(
+            lambda: endpoint.call("GET", "/health")[1]["jobs"]["inProgress"] == 2,
+            "the worker to take the /runsync job beside the stream",
+        )
+        job_id = submit(endpoint, story(300))
+        endpoint.first_output(job_id)
         engine_core(worker).kill()
         events += [line for line in lines if line]
+        code, answered = answer.result()
+
+    assert code == 200, answered
+    unavailable(answered)
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert (error["code"], error["type"]) == (503, "ServiceUnavailableError"), error
     assert all('"error"' not in event for event in events[:-2])
+    failed = endpoint.wait_status(job_id)
+    unavailable(failed)
     assert exit_of(endpoint, worker["starts"]) == {"code": 1, "left_behind": 0}
     after = endpoint.call("GET", "/health")[1]["jobs"]
-    assert (after["failed"], after["completed"]) == (before["failed"] + 1, before["completed"])
+    assert (after["failed"], after["completed"]) == (before["failed"] + 3, before["completed"])
+
+    replacement = ready_worker(endpoint)
+    assert endpoint.status(job_id) == failed  # nothing retried it meanwhile
+    assert endpoint.call("POST", f"/retry/{job_id}") == (200, {"id": job_id, "status": "IN_QUEUE"})
+    done = endpoint.wait_status(job_id)
+    assert done["status"] == "COMPLETED", done
+    assert done["workerId"] == replacement["id"]
+    assert done["output"][-1]["usage"]["completion_tokens"] == 300

@@ -1,5 +1,7 @@
 """The worker as a process: runpod's --rp_serve_api around the handler, a clean SIGTERM with no
-orphaned vLLM process, and what happens when the engine process dies."""
+orphaned vLLM process, and runpod's --test_input. (The engine process dying is in
+test_lifecycle.py, through the real worker: the jobs fail with a 503, the worker exits 1 and
+leaves nothing; the handler's answer after a death is in tests/unit/test_jobs.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,10 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from handler.engine.vllm_engine import VllmEngine
-from handler.jobs import make_handler
 from handler.lmcache import free_port
-from handler.settings import Settings
 from local_endpoint.harness import ROOT
 
 pytestmark = pytest.mark.integration
@@ -125,31 +123,3 @@ def test_python_m_handler_without_runpod_runs_the_test_job(worker_env: dict[str,
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     answers = [line for line in done.stdout.splitlines() if line.startswith("answer: ")]
     assert answers == [f"answer: {ANSWER}"]
-
-
-async def test_engine_death_fails_jobs_and_reports(settings: Settings) -> None:
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    died = threading.Event()
-    engine = VllmEngine.start(settings, on_dead=died.set)
-    try:
-        # the engine's processes; not Python's resource tracker, which the first process started
-        # with multiprocessing starts for the test process's lifetime (it was already running
-        # when an earlier test had started an engine in this process)
-        mine = [
-            p
-            for p in me.children(recursive=True)
-            if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
-        ]
-        [core] = [p for p in mine if "EngineCore" in p.name() + " ".join(p.cmdline())]
-        core.kill()
-        assert died.wait(120), "the engine's health watch did not notice"
-        reported: list[str] = []
-        handler = make_handler(engine, settings, lambda: reported.append("dead"))
-        outputs = [o async for o in handler({"id": "late", "input": {"prompt": "x"}})]
-        assert len(outputs) == 1
-        assert json.loads(outputs[0]["error"])["error"]["code"] == 503
-        assert reported == ["dead"]
-    finally:
-        engine.shutdown()
-    assert left_running(mine) == []

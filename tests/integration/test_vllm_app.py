@@ -8,6 +8,7 @@ endpoint with real workers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -267,12 +268,15 @@ def test_every_route_of_vllms_app_is_public_or_refused_on_purpose(
     """Fails when a vLLM upgrade adds a route that is in neither table: decide, then add it."""
     # with dev mode's routes, and the LoRA loading routes runtime LoRA updating would add
     dev = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
-    routes = app_routes(worker_env, worker_env["MODEL_NAME"])
-    routes |= app_routes(
-        {**worker_env, **dev}, worker_env["MODEL_NAME"], "--enable-fault-tolerance"
-    )
-    routes |= app_routes({**worker_env, **dev}, str(scorer))
-    routes |= app_routes(worker_env, str(minilm_dir()))
+    apps: list[tuple[dict[str, str], str, tuple[str, ...]]] = [
+        (worker_env, worker_env["MODEL_NAME"], ()),
+        ({**worker_env, **dev}, worker_env["MODEL_NAME"], ("--enable-fault-tolerance",)),
+        ({**worker_env, **dev}, str(scorer), ()),
+        (worker_env, str(minilm_dir()), ()),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # a process each, one per core
+        found = pool.map(lambda app: app_routes(app[0], app[1], *app[2]), apps)
+        routes = {route for one in found for route in one}
     paths = {path for _method, path in routes}
     unclassified = paths - set(PUBLIC_ROUTES) - set(REFUSED_ROUTES) - {"/metrics"}
     assert not unclassified, f"routes neither public nor refused: {sorted(unclassified)}"

@@ -3,8 +3,9 @@
 Every case must end in a valid answer (a response dict, SSE text, or chunk dicts) or in exactly
 one OpenAI-shaped error, with no traceback, file path, memory address or Python repr in anything
 the caller gets; afterwards the handler still answers a normal request. ``FUZZ_EXAMPLES`` sets
-the number of cases (10,000 by default, as CI runs). The cases are the same on every run, so a
-failure is reproducible and CI is not flaky; ``FUZZ_RANDOM=1`` explores new ones.
+the number of cases (5,000 by default, as CI runs; set more for a deeper run). The cases are the
+same on every run, so a failure is reproducible and CI is not flaky; ``FUZZ_RANDOM=1`` explores
+new ones.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from handler.settings import load_settings
 from tests.fakes import FakeEngine
 from tests.fuzz_inputs import CHAT, check_outputs, fuzz_settings, job_inputs
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5000"))
 SETTINGS = load_settings(
     {"OPENAI_SERVED_MODEL_NAME_OVERRIDE": "fake-model", "STREAM_FLUSH_INTERVAL_MS": "0"}
 )

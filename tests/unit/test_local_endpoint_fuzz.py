@@ -23,7 +23,7 @@ from tests.fake_endpoint import fake_endpoint
 from tests.fuzz_inputs import fuzz_settings
 
 # a tenth of the handler fuzz's count (each example is a few HTTP round trips), 20 to 100
-ENDPOINT_EXAMPLES = max(20, min(100, int(os.environ.get("FUZZ_EXAMPLES", "10000")) // 10))
+ENDPOINT_EXAMPLES = max(20, min(100, int(os.environ.get("FUZZ_EXAMPLES", "5000")) // 10))
 DEADLINE_S = 10.0
 
 hazards = st.sampled_from(
