@@ -12,6 +12,9 @@ while other requests run (a burst of 16 entered the engine in steps of 1+0+0+15 
 1+15 without LMCache). On loopback the answer comes within a millisecond or two, also for a
 prompt shorter than one chunk (256 tokens), which can never hit.
 
+A prompt shorter than one chunk is answered here, with no lookup sent (:func:`can_hit`): LMCache
+would find nothing for it, since it stores and finds whole chunks only.
+
 :class:`WorkerLMCacheConnector` asks again, within the same pass, until the answer comes or the
 pass has waited ``lookup_wait_ms`` in all (its requests' lookups together): what the scheduler
 gets is LMCache's own answer, only sooner; a server slower than that gets LMCache's own
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lmcache.integration.vllm.lmcache_mp_connector import LMCacheMPConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from handler.lmcache import LOOKUP_WAIT_KEY
 
@@ -62,6 +66,13 @@ def answer_within(
     return found, clock() - started
 
 
+def can_hit(tokens: int, chunk_tokens: int, reserve_last_token: bool) -> bool:
+    """Whether a lookup of ``tokens`` can find anything: LMCache stores and finds whole chunks of
+    the prompt only (less its last token where ``reserve_last_token``), so a shorter prompt's
+    lookup covers no chunk and its answer is 0."""
+    return tokens - int(reserve_last_token) >= chunk_tokens
+
+
 class WorkerLMCacheConnector(LMCacheMPConnector):  # type: ignore[misc]
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -69,7 +80,26 @@ class WorkerLMCacheConnector(LMCacheMPConnector):  # type: ignore[misc]
         self._wait_s = max(0.0, float(wait_ms)) / 1000
         self._waited_s = 0.0  # in this scheduler pass
 
+    def _can_hit(self, request: Any) -> bool:
+        chunk_tokens: int = self.scheduler_adapter.lmcache_tokens_per_chunk
+        reserve = bool(self._reserve_last_token_for_lookup)
+        return can_hit(len(request.all_token_ids), chunk_tokens, reserve)
+
+    def on_new_request(self, request: Any) -> None:
+        """LMCache's eager lookup, not sent for a prompt no chunk of which can be found."""
+        if self.role != KVConnectorRole.SCHEDULER or self._can_hit(request):
+            super().on_new_request(request)
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Found:
+        if not self._can_hit(request):
+            # LMCache's answer to the lookup it would send, with no round trip to its server:
+            # nothing to load; the request is tracked as LMCache tracks a miss, so its chunks
+            # are stored once computed and its vLLM hits reported
+            tracker = self._get_or_create_request_tracker(request)
+            alignment: int = self._hit_alignment_tokens
+            tracker.num_vllm_hit_tokens = num_computed_tokens // alignment * alignment
+            return 0, False
+
         def ask() -> Found:
             found: Found = super(WorkerLMCacheConnector, self).get_num_new_matched_tokens(
                 request, num_computed_tokens

@@ -193,6 +193,33 @@ def test_hits_on_a_repeated_prefix_across_workers_and_restarts(
         assert l2_hit_tokens(worker_a) == hits
 
 
+def test_a_prompt_shorter_than_one_chunk_asks_the_cache_server_nothing(
+    worker_b: LocalEndpoint,
+) -> None:
+    """LMCache finds whole chunks only, so the worker answers a short prompt's lookup itself (0)
+    and sends none; a long prompt's lookup still goes to the server, and hits. The server counts
+    its lookups (``lmcache_mp_lookups_requests_total``) in the order they come, with their hit
+    tokens."""
+
+    def counted() -> tuple[float, float]:
+        lookups = worker_b.worker_metric("lmcache_mp_lookups_requests_total", default=0.0)
+        return lookups, worker_b.worker_metric("lmcache_mp_lookup_hit_tokens_total", default=0.0)
+
+    doc = document("Bit")
+    hits = full_chunks(ask(worker_b, doc))
+    _, hit_tokens = counted()
+    assert cached(ask(worker_b, doc)) == hits
+    worker_b.wait_for(lambda: counted()[1] == hit_tokens + hits, "the hit counted", seen=counted)
+    lookups, hit_tokens = counted()
+
+    for n in range(3):
+        short = ask(worker_b, f"A short note, {n}.")
+        assert short["prompt_tokens"] < CHUNK and cached(short) == 0
+    assert cached(ask(worker_b, doc)) == hits
+    worker_b.wait_for(lambda: counted()[1] == hit_tokens + hits, "the hit counted", seen=counted)
+    assert counted() == (lookups + 1, hit_tokens + hits)  # the long prompt's lookup only
+
+
 def test_a_killed_cache_server_costs_recompute_then_comes_back(
     worker_b: LocalEndpoint,
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.engine.lmcache_connector import Found, answer_within
+from handler.engine.lmcache_connector import Found, answer_within, can_hit
 
 
 class Answers:
@@ -50,3 +50,17 @@ def test_no_budget_left_asks_once() -> None:
     answers = Answers(unknown=1)
     assert answer_within(answers.ask, 0.0, answers.clock, answers.sleep) == ((None, True), 0.0)
     assert answers.asks == 1
+
+
+@pytest.mark.parametrize(
+    ("tokens", "reserve", "hits"),
+    [
+        (255, False, False),
+        (256, False, True),
+        (256, True, False),
+        (257, True, True),
+        (0, False, False),
+    ],
+)
+def test_a_prompt_shorter_than_one_chunk_cannot_hit(tokens: int, reserve: bool, hits: bool) -> None:
+    assert can_hit(tokens, 256, reserve) is hits
