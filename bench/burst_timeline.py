@@ -9,13 +9,14 @@ coalesced batch, the first stream POST, its arrival at the endpoint, the first c
 Then ``--bursts`` bursts through each path in turn (after the same settle time as
 ``bench/load.py``), short streams (``--max-tokens``) of distinct random prompts. Every request
 is tagged (``user`` for the full path, ``X-Request-Id`` for `vllm serve`), so the hops of the
-processes line up.
+processes line up. ``--lmcache on,off`` starts both paths in both modes, all up at once, and
+sends each burst to the four in turn, so the machine's drift touches both modes alike.
 
 Prints, per path, each hop's median time after the client sent the request, and the median
 step from the hop before it; and each burst's spread of arrivals at the engine.
 
 Usage: scripts/in-env python -m bench.burst_timeline [--bursts 4] [--concurrency 16]
-    [--lmcache on|off] [--post-delay-ms 100] [--json FILE]
+    [--lmcache on|off|on,off] [--prompt-tokens 128] [--post-delay-ms 100] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 
 from bench.load import (
     SETTLE_S,
+    Started,
     start_endpoint,
     start_vllm_serve,
     stop_endpoint,
@@ -151,29 +153,63 @@ def spreads(requests: dict[str, dict[str, float]], hop: str) -> list[float]:
     return [round((max(v) - min(v)) * 1000, 1) for v in bursts.values()]
 
 
+PATHS = {"full path": "f", "vllm serve": "v"}
+MODE_TAGS = {"on": "n", "off": "o"}
+
+
+def path_name(path: str, mode: str, modes: list[str]) -> str:
+    return path if len(modes) == 1 else f"{path}, LMCache {mode}"
+
+
 async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict[str, Any]:
     import openai
 
+    modes: list[str] = options.modes
     traces = tmp / "trace"
     traces.mkdir()
-    traced = {**env, "BURST_TRACE_DIR": str(traces)}
-    (tmp / "full").mkdir()
-    full = start_endpoint(ROOT, tmp / "full", traced, options.post_delay_ms, first=str(TRACE))
-    port = free_port()
-    serve_env = {**traced, "PYTHONPATH": f"{TRACE}:{ROOT}"}
-    serve = start_vllm_serve(tmp, serve_env, port)
-    endpoint = LocalEndpoint("", full.process, full.log)
+    endpoints: list[LocalEndpoint] = []
+    serves: list[Started] = []
+    clients: dict[str, Any] = {}
+    prefixes: dict[str, str] = {}
     try:
-        await asyncio.to_thread(wait_ready, [full, serve])
-        endpoint.url = json.loads((tmp / "full" / "ready.json").read_text())["url"]
-        clients = {
-            "full path": openai.AsyncOpenAI(
-                base_url=endpoint.openai_base, api_key=endpoint.key, max_retries=0, timeout=600
-            ),
-            "vllm serve": openai.AsyncOpenAI(
-                base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
-            ),
-        }
+        for mode in modes:
+            traced = {
+                **env,
+                "BURST_TRACE_DIR": str(traces),
+                "LMCACHE_ENABLED": "true" if mode == "on" else "false",
+            }
+            folder = tmp / f"full-{mode}"
+            folder.mkdir()
+            full = start_endpoint(ROOT, folder, traced, options.post_delay_ms, first=str(TRACE))
+            endpoint = LocalEndpoint("", full.process, full.log)
+            endpoints.append(endpoint)
+            port = free_port()
+            serve_env = {**traced, "PYTHONPATH": f"{TRACE}:{ROOT}"}
+            serve_dir = tmp / f"serve-{mode}"
+            serve_dir.mkdir()
+            serves.append(start_vllm_serve(serve_dir, serve_env, port))
+            await asyncio.to_thread(wait_ready, [full, serves[-1]])
+            endpoint.url = json.loads((folder / "ready.json").read_text())["url"]
+            for path, client in (
+                (
+                    "full path",
+                    openai.AsyncOpenAI(
+                        base_url=endpoint.openai_base,
+                        api_key=endpoint.key,
+                        max_retries=0,
+                        timeout=600,
+                    ),
+                ),
+                (
+                    "vllm serve",
+                    openai.AsyncOpenAI(
+                        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+                    ),
+                ),
+            ):
+                name = path_name(path, mode, modes)
+                clients[name] = client
+                prefixes[name] = PATHS[path] + (MODE_TAGS[mode] if len(modes) > 1 else "")
         rng = random.Random(options.seed)
 
         def prompt() -> list[int]:
@@ -183,14 +219,14 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
             for name, client in clients.items():  # warm-up
                 await asyncio.gather(
                     *(
-                        one(client, prompt(), f"w{name[0]}-{i}e", "serve" in name, 4, out)
+                        one(client, prompt(), f"w{prefixes[name]}-{i}e", "serve" in name, 4, out)
                         for i in range(4)
                     )
                 )
             for burst in range(options.bursts):
                 for name, client in clients.items():
                     await asyncio.sleep(SETTLE_S)
-                    tags = [f"{name[0]}{burst}-{i}e" for i in range(options.concurrency)]
+                    tags = [f"{prefixes[name]}{burst}-{i}e" for i in range(options.concurrency)]
                     await asyncio.gather(
                         *(
                             one(client, prompt(), tag, "serve" in name, options.max_tokens, out)
@@ -200,17 +236,22 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
         for client in clients.values():
             await client.close()
     finally:
-        stop_endpoint(endpoint)
-        stop_vllm_serve(serve)
+        for started in endpoints:
+            stop_endpoint(started)
+        for serve in serves:
+            stop_vllm_serve(serve)
     marks = read_marks(traces) + read_marks(tmp)
     requests = by_request(marks)
     result: dict[str, Any] = {
         "lmcache": options.lmcache,
+        "prompt_tokens": options.prompt_tokens,
         "concurrency": options.concurrency,
         "post_delay_ms": options.post_delay_ms,
     }
-    for name in ("full path", "vllm serve"):
-        mine = {t: v for t, v in requests.items() if t[0] == name[0] and not t.startswith("w")}
+    for name, prefix in prefixes.items():
+        mine = {
+            t: v for t, v in requests.items() if t.startswith(prefix) and t[len(prefix)].isdigit()
+        }
         result[name] = report(name, mine)
         engine_spread = spreads(mine, "vLLM: request to the engine")
         print(f"\n{name}: arrivals at the engine spread over (ms, per burst): {engine_spread}")
@@ -227,7 +268,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--lmcache", choices=("on", "off"), default="on")
+    parser.add_argument("--lmcache", default="on", help="on, off, or on,off: both, interleaved")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the medians here")
     parser.add_argument(
@@ -240,8 +281,10 @@ def main() -> None:
         "--switch-interval", help="sys.setswitchinterval in the traced processes (an experiment)"
     )
     options = parser.parse_args()
+    options.modes = [m.strip() for m in options.lmcache.split(",") if m.strip()]
+    if not options.modes or set(options.modes) - set(MODE_TAGS):
+        raise SystemExit("--lmcache: on, off, or on,off")
     env = local_env()
-    env["LMCACHE_ENABLED"] = "true" if options.lmcache == "on" else "false"
     if options.switch_interval:
         env["BURST_SWITCH_INTERVAL"] = options.switch_interval
     apply_process_environment({**env, **LOCAL_ONLY})

@@ -3,7 +3,9 @@ conversation goes to whichever worker takes it. ``make bench-chat``.
 
 ``--conversations`` conversations of ``--turns`` turns each: one long system prompt shared by
 all of them (``--system-tokens``, several LMCache chunks), a history that grows by each answer
-(``--reply-tokens``, greedy) and a short user question a turn. Every turn is a new streamed
+(``--reply-tokens``, greedy; ``--min-reply-tokens`` holds back the end of an answer until it
+has that many, vLLM's ``min_tokens``, for assistants that answer at length) and a short user
+question a turn. Every turn is a new streamed
 request (the OpenAI SDK, ``stream_options.include_usage``) through the local endpoint's OpenAI
 route to ``--workers`` workers sharing its one queue: the endpoint hands it to whichever worker
 takes it, so a conversation's turns land on different workers.
@@ -36,7 +38,8 @@ with nothing to compute, and so the best ratio any cache could reach here), and 
 ``OUT/conversations.json`` and ``OUT/conversations.png``.
 
 Usage: scripts/in-env python -m bench.conversations [--out DIR] [--conversations 6]
-    [--turns 6] [--system-tokens 1024] [--reply-tokens 64] [--workers 2] [--modes off,on]
+    [--turns 6] [--system-tokens 1024] [--reply-tokens 64] [--min-reply-tokens 0] [--workers 2]
+    [--modes off,on]
     [--think-s 1.5] [--seed 0]
        scripts/in-env python -m bench.conversations --report OUT/conversations.json [--out DIR]
        (no engines: the tables and the chart again from a run's data)
@@ -396,6 +399,7 @@ class Plan:
     modes: list[str]
     think_s: float
     seed: int
+    min_reply_tokens: int = 0
 
 
 @dataclass
@@ -409,7 +413,10 @@ class Answer:
 
 
 def ask(
-    endpoint: LocalEndpoint, messages: list[ChatCompletionMessageParam], max_tokens: int
+    endpoint: LocalEndpoint,
+    messages: list[ChatCompletionMessageParam],
+    max_tokens: int,
+    min_tokens: int = 0,
 ) -> Answer:
     """One streamed chat turn through the endpoint's OpenAI route."""
     started = time.perf_counter()
@@ -420,6 +427,7 @@ def ask(
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"min_tokens": min_tokens} if min_tokens else None,
     )
     first: float | None = None
     text: list[str] = []
@@ -487,7 +495,7 @@ class Lane:
         """Conversation ``c``'s next turn: a user question, the streamed answer kept."""
         history = self.history[c]
         history.append({"role": "user", "content": user_message(c, turn, self.plan.turns)})
-        answer = ask(self.endpoint, history, self.plan.reply_tokens)
+        answer = ask(self.endpoint, history, self.plan.reply_tokens, self.plan.min_reply_tokens)
         history.append({"role": "assistant", "content": answer.text})
         worker = str(self.endpoint.status(answer.job).get("workerId"))
         url = next(str(w["metrics_url"]) for w in self.endpoint.workers() if w["id"] == worker)
@@ -569,12 +577,15 @@ def parse_plan(options: argparse.Namespace) -> Plan:
         raise SystemExit("--modes: off, on or both")
     if options.conversations < 1 or options.turns < 1 or options.workers < 1:
         raise SystemExit("--conversations, --turns and --workers must be at least 1")
+    if not 0 <= options.min_reply_tokens <= options.reply_tokens:
+        raise SystemExit("--min-reply-tokens: from 0 to --reply-tokens")
     return Plan(
         conversations=options.conversations,
         turns=options.turns,
         system_tokens=options.system_tokens,
         reply_tokens=options.reply_tokens,
         workers=options.workers,
+        min_reply_tokens=options.min_reply_tokens,
         modes=[m for m in MODES if m in modes],
         think_s=options.think_s,
         seed=options.seed,
@@ -588,6 +599,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--system-tokens", type=int, default=1024, help="shared system prompt")
     parser.add_argument("--reply-tokens", type=int, default=64, help="max_tokens of an answer")
+    parser.add_argument(
+        "--min-reply-tokens", type=int, default=0, help="min_tokens of an answer (0: none)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--modes", default="off,on", help="off, on or both (LMCache)")
     parser.add_argument("--think-s", type=float, default=1.5, help="pause before each request")
@@ -645,7 +659,8 @@ def report(run_record: dict[str, Any], out: Path) -> None:
     title = (
         f"{run_record['model']}: {plan['conversations']} conversations x {plan['turns']} turns "
         f"over {plan['workers']} workers, {plan['system_tokens']}-token shared system prompt, "
-        f"answers up to {plan['reply_tokens']} tokens; {where['cpu']}, {where['cores']} cores, "
+        f"answers of {plan.get('min_reply_tokens') or 1}-{plan['reply_tokens']} tokens; "
+        f"{where['cpu']}, {where['cores']} cores, "
         "no GPU"
     )
     chart(samples, rows, routing, title, out / "conversations.png")
