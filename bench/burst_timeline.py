@@ -144,6 +144,27 @@ def report(name: str, requests: dict[str, dict[str, float]]) -> dict[str, Any]:
     return {"path": name, "hops": [{"hop": h, "p50_ms": round(m, 1), "n": n} for m, h, n in rows]}
 
 
+def burst_ttfts(requests: dict[str, dict[str, float]]) -> list[float]:
+    """Per burst, in order: the median time to first token of its requests, ms."""
+    bursts: dict[int, list[float]] = defaultdict(list)
+    for tag, times in requests.items():
+        if CLIENT_SENT in times and CLIENT_FIRST in times:
+            burst = int(tag.rsplit("-", 1)[0].lstrip("fvno"))
+            bursts[burst].append((times[CLIENT_FIRST] - times[CLIENT_SENT]) * 1000)
+    return [round(statistics.median(bursts[b]), 1) for b in sorted(bursts)]
+
+
+def paired(result: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """LMCache on against off for ``path`` when both ran, burst by burst (a burst's on and off
+    runs are in the same round): the median of the differences of the bursts' TTFT p50s."""
+    on, off = result.get(f"{path}, LMCache on"), result.get(f"{path}, LMCache off")
+    if on is None or off is None:
+        return None
+    pairs = list(zip(on["burst_ttft_p50_ms"], off["burst_ttft_p50_ms"], strict=False))
+    differences = sorted(round(a - b, 1) for a, b in pairs)
+    return {"on_minus_off_ms": statistics.median(differences), "per_burst": differences}
+
+
 def spreads(requests: dict[str, dict[str, float]], hop: str) -> list[float]:
     """Per burst: last minus first arrival at ``hop``, ms (tags are burst-index)."""
     bursts: dict[str, list[float]] = defaultdict(list)
@@ -259,6 +280,16 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
         shapes = burst_steps(marks, mine)
         print(f"{name}: requests per engine step while a burst was taken in: {shapes}")
         result[name]["burst_steps"] = shapes
+        result[name]["burst_ttft_p50_ms"] = burst_ttfts(mine)
+    for path in PATHS:
+        both = paired(result, path)
+        if both is not None:
+            result[f"{path}, on - off"] = both
+            n, median = len(both["per_burst"]), both["on_minus_off_ms"]
+            print(
+                f"\n{path}: TTFT p50 per burst, LMCache on - off, median of the {n} pairs: "
+                f"{median:+.1f} ms (sorted: {both['per_burst']})"
+            )
     return result
 
 

@@ -113,3 +113,27 @@ def test_ttft_interval_comes_from_the_rounds() -> None:
     low, high = row["interval_95_ms"]
     assert low < -200 and high > 200
     assert "+20 ms, 95% bootstrap interval over rounds" in load.rounds_text([row])
+
+
+def test_bursts_are_paired_on_against_off_round_by_round() -> None:
+    requests = {
+        f"{prefix}{burst}-{i}e": {
+            burst_timeline.CLIENT_SENT: 100.0 * burst,
+            burst_timeline.CLIENT_FIRST: 100.0 * burst + ms / 1000,
+        }
+        for prefix, base in (("fn", 500), ("fo", 480))
+        for burst in range(3)
+        for i, ms in enumerate((base + 10 * burst, base + 10 * burst + 2, base + 99))
+    }
+    on = {t: v for t, v in requests.items() if t.startswith("fn")}
+    off = {t: v for t, v in requests.items() if t.startswith("fo")}
+    assert burst_timeline.burst_ttfts(on) == [502.0, 512.0, 522.0]
+    result = {
+        "full path, LMCache on": {"burst_ttft_p50_ms": burst_timeline.burst_ttfts(on)},
+        "full path, LMCache off": {"burst_ttft_p50_ms": burst_timeline.burst_ttfts(off)},
+    }
+    assert burst_timeline.paired(result, "full path") == {
+        "on_minus_off_ms": 20.0,
+        "per_burst": [20.0, 20.0, 20.0],
+    }
+    assert burst_timeline.paired(result, "vllm serve") is None
