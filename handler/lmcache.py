@@ -235,13 +235,15 @@ LOOKUP_WAIT_KEY = "worker.lookup_wait_ms"
 def connector_config(settings: Settings, ports: Ports) -> dict[str, Any]:
     """vLLM's ``--kv-transfer-config`` for the server on ``ports``: the worker's subclass of
     LMCache's connector (:mod:`handler.engine.lmcache_connector`), which with
-    ``LMCACHE_LOOKUP_WAIT_MS`` waits that long in a scheduler pass for its lookups' answers."""
+    ``LMCACHE_LOOKUP_WAIT_MS`` waits that long in a scheduler pass for its lookups' answers;
+    ``LMCACHE_SAVE_DECODE``: generated tokens are stored too (LMCache's ``save_decode_cache``)."""
     extra: dict[str, Any] = {
         "lmcache.mp.host": f"tcp://{HOST}",
         "lmcache.mp.port": ports.port,
         "lmcache.mp.mq_timeout": settings.lmcache_timeout_s,
         "lmcache.mp.heartbeat_interval": HEARTBEAT_S,
         LOOKUP_WAIT_KEY: settings.lmcache_lookup_wait_ms,
+        "lmcache.mp.save_decode_cache": settings.lmcache_save_decode,
     }
     if settings.lmcache_lookup_wait_ms > 0:
         # each LOOKUP sent as its request arrives: a burst's are answered together

@@ -347,6 +347,13 @@ class Settings(BaseModel):
         "scheduler passes (whole forward steps while other requests run). A server slower than "
         "this gets that behaviour. 0: LMCache's own lookups, unchanged.",
     )
+    lmcache_save_decode: bool = Field(
+        True,
+        alias="LMCACHE_SAVE_DECODE",
+        description="Store the KV cache of generated tokens too, chunk by chunk as they fill, "
+        "not only of prompts: a conversation's next turn, on whichever worker takes it, finds "
+        "the last answer in the cache. false: prompts only (LMCache's default), fewer stores.",
+    )
     lora_modules: str | None = Field(
         None,
         alias="LORA_MODULES",

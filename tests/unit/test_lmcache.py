@@ -145,6 +145,7 @@ def test_the_connector_never_fails_a_request_and_reports_cached_tokens() -> None
             "lmcache.mp.heartbeat_interval": 2.0,
             "lmcache.mp.eager_prefetch": True,
             "worker.lookup_wait_ms": 20.0,
+            "lmcache.mp.save_decode_cache": True,
         },
     }
     argv = owned_args(settings, config)
