@@ -162,7 +162,7 @@ def paired(result: dict[str, Any], path: str) -> dict[str, Any] | None:
         return None
     pairs = list(zip(on["burst_ttft_p50_ms"], off["burst_ttft_p50_ms"], strict=False))
     differences = sorted(round(a - b, 1) for a, b in pairs)
-    return {"on_minus_off_ms": statistics.median(differences), "per_burst": differences}
+    return {"on_minus_off_ms": round(statistics.median(differences), 1), "per_burst": differences}
 
 
 def spreads(requests: dict[str, dict[str, float]], hop: str) -> list[float]:

@@ -220,6 +220,38 @@ def test_a_prompt_shorter_than_one_chunk_asks_the_cache_server_nothing(
     assert counted() == (lookups + 1, hit_tokens + hits)  # the long prompt's lookup only
 
 
+def test_an_answer_is_stored_for_the_next_turn(worker_b: LocalEndpoint) -> None:
+    """``LMCACHE_SAVE_DECODE`` (default true): the KV of generated tokens is stored chunk by
+    chunk as it fills, so a next turn that sends the answer back finds it in the cache, not only
+    the first prompt (vLLM's prefix cache is off here: every hit is LMCache's)."""
+
+    def complete(prompt: str | list[int], tokens: int) -> dict[str, Any]:
+        status, body = worker_b.call(
+            "POST",
+            "/openai/v1/completions",
+            {
+                "model": MODEL_ID,
+                "prompt": prompt,
+                "max_tokens": tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+            timeout=240,
+        )
+        assert status == 200, body
+        return dict(body)
+
+    first = complete(document("Turn")[:1200], 300)
+    prompt, answer = first["choices"][0]["prompt_token_ids"], first["choices"][0]["token_ids"]
+    assert len(answer) == 300 and cached(first["usage"]) == 0
+    # what has KV: the prompt and every answer token but the last (never fed to the model)
+    stored = (len(prompt) + len(answer) - 1) // CHUNK * CHUNK
+    assert stored > (len(prompt) - 1) // CHUNK * CHUNK  # more than the prompt's chunks
+    follow_up = complete(prompt + answer + prompt[:20], 1)
+    assert cached(follow_up["usage"]) == stored
+
+
 def test_a_killed_cache_server_costs_recompute_then_comes_back(
     worker_b: LocalEndpoint,
 ) -> None:
