@@ -113,9 +113,9 @@ def test_sigterm_finishes_what_fits_the_grace_period_fails_the_rest_and_takes_no
     """One SIGTERM with two jobs generating: the short one finishes whole, the one longer than
     the grace period ends with a 503 once it has passed; a job sent after the worker stopped
     taking jobs waits in the queue for the next start; the worker exits 0 with nothing left."""
-    worker, short = start_generating(endpoint, 50)
-    long = submit(endpoint, story(1500))
-    endpoint.first_output(long)
+    worker, long = start_generating(endpoint, 1500)
+    short = submit(endpoint, story(50))  # started last, so it is still generating at the signal
+    endpoint.first_output(short)
     stops = endpoint.log.read_text(errors="replace").count(STOPPING)
     signalled = time.monotonic()
     os.kill(int(worker["pid"]), signal.SIGTERM)
