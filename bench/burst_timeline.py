@@ -144,12 +144,13 @@ def report(name: str, requests: dict[str, dict[str, float]]) -> dict[str, Any]:
     return {"path": name, "hops": [{"hop": h, "p50_ms": round(m, 1), "n": n} for m, h, n in rows]}
 
 
-def burst_ttfts(requests: dict[str, dict[str, float]]) -> list[float]:
-    """Per burst, in order: the median time to first token of its requests, ms."""
+def burst_ttfts(requests: dict[str, dict[str, float]], prefix: str) -> list[float]:
+    """Per burst, in order: the median time to first token of its requests (tagged
+    ``{prefix}{burst}-{i}e``), ms."""
     bursts: dict[int, list[float]] = defaultdict(list)
     for tag, times in requests.items():
         if CLIENT_SENT in times and CLIENT_FIRST in times:
-            burst = int(tag.rsplit("-", 1)[0].lstrip("fvno"))
+            burst = int(tag.rsplit("-", 1)[0].removeprefix(prefix))
             bursts[burst].append((times[CLIENT_FIRST] - times[CLIENT_SENT]) * 1000)
     return [round(statistics.median(bursts[b]), 1) for b in sorted(bursts)]
 
@@ -280,7 +281,7 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
         shapes = burst_steps(marks, mine)
         print(f"{name}: requests per engine step while a burst was taken in: {shapes}")
         result[name]["burst_steps"] = shapes
-        result[name]["burst_ttft_p50_ms"] = burst_ttfts(mine)
+        result[name]["burst_ttft_p50_ms"] = burst_ttfts(mine, prefix)
     for path in PATHS:
         both = paired(result, path)
         if both is not None:

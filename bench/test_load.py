@@ -127,10 +127,10 @@ def test_bursts_are_paired_on_against_off_round_by_round() -> None:
     }
     on = {t: v for t, v in requests.items() if t.startswith("fn")}
     off = {t: v for t, v in requests.items() if t.startswith("fo")}
-    assert burst_timeline.burst_ttfts(on) == [502.0, 512.0, 522.0]
+    assert burst_timeline.burst_ttfts(on, "fn") == [502.0, 512.0, 522.0]
     result = {
-        "full path, LMCache on": {"burst_ttft_p50_ms": burst_timeline.burst_ttfts(on)},
-        "full path, LMCache off": {"burst_ttft_p50_ms": burst_timeline.burst_ttfts(off)},
+        "full path, LMCache on": {"burst_ttft_p50_ms": burst_timeline.burst_ttfts(on, "fn")},
+        "full path, LMCache off": {"burst_ttft_p50_ms": burst_timeline.burst_ttfts(off, "fo")},
     }
     assert burst_timeline.paired(result, "full path") == {
         "on_minus_off_ms": 20.0,

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from typing import Any
 
 from lmcache.integration.vllm.lmcache_mp_connector import LMCacheMPConnector
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from handler.lmcache import LOOKUP_WAIT_KEY
 
@@ -86,8 +85,9 @@ class WorkerLMCacheConnector(LMCacheMPConnector):  # type: ignore[misc]
         return can_hit(len(request.all_token_ids), chunk_tokens, reserve)
 
     def on_new_request(self, request: Any) -> None:
-        """LMCache's eager lookup, not sent for a prompt no chunk of which can be found."""
-        if self.role != KVConnectorRole.SCHEDULER or self._can_hit(request):
+        """LMCache's eager lookup, not sent for a prompt no chunk of which can be found (vLLM
+        calls this on the scheduler's connector only)."""
+        if self._can_hit(request):
             super().on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Found:

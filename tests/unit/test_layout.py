@@ -200,5 +200,4 @@ def test_only_the_engine_package_imports_vllm() -> None:
         "handler.engine.vllm_engine",
         "handler.engine.media_connector",
         "handler.engine.lora",  # vLLM's LoRA resolver registry, LoRA requests, adapter rules
-        "handler.engine.lmcache_connector",  # a vLLM KV connector: its role (scheduler, worker)
     }
