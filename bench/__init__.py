@@ -1,2 +1,18 @@
 """Benchmarks of the worker against `vllm serve` and the bare engine: `make bench*` runs them as
 ``python -m bench.<name>``; each module says what it measures."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_sigterm() -> None:
+    """A benchmark stopped with SIGTERM (``kill``, a job's time limit) unwinds as on Ctrl-C, so
+    the endpoints, workers, servers and Redis it started are stopped by the code that started
+    them; without this, Python dies at once and leaves them all running."""
+    signal.signal(signal.SIGTERM, _interrupt)

@@ -35,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench import stop_on_sigterm
 from bench.load import (
     SETTLE_S,
     Started,
@@ -329,4 +330,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    stop_on_sigterm()
     main()

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import stop_on_sigterm
 from handler.engine.interface import EngineCall
 from handler.engine.vllm_engine import VllmEngine
 from handler.lmcache import LMCacheServer, free_port
@@ -233,4 +234,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

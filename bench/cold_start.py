@@ -48,6 +48,7 @@ from pathlib import Path
 
 import psutil
 
+from bench import stop_on_sigterm
 from handler.cold_start import process_age_s
 from handler.lmcache import free_port
 from handler.settings import (
@@ -365,4 +366,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

@@ -62,6 +62,7 @@ from typing import Any
 
 from openai.types.chat import ChatCompletionMessageParam
 
+from bench import stop_on_sigterm
 from bench.cache_ttft import documents, redis_server
 from bench.load import machine, percentile, stop_endpoint, target
 from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings
@@ -675,4 +676,5 @@ def report(run_record: dict[str, Any], out: Path) -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import stop_on_sigterm
+
 
 def run(progress: Any, jobs: list[dict[str, Any]], rounds: int, state: Path) -> tuple[float, int]:
     """Median seconds for one job's add and remove with ``len(jobs)`` in flight, and the file's
@@ -71,4 +73,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

@@ -59,6 +59,7 @@ from typing import Any
 
 import psutil
 
+from bench import stop_on_sigterm
 from handler.lmcache import free_port
 from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings
 from local_endpoint.__main__ import KEEP_ALIVE_S
@@ -1086,4 +1087,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

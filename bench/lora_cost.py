@@ -41,6 +41,7 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
+from bench import stop_on_sigterm
 from handler.settings import LOCAL_ONLY, apply_process_environment
 from local_endpoint.harness import MODEL_ID, LocalEndpoint, local_endpoint, local_env
 
@@ -201,4 +202,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

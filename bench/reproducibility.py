@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import stop_on_sigterm
 from handler.engine.interface import EngineCall
 from handler.engine.vllm_engine import VllmEngine
 from handler.settings import LOCAL_ONLY, apply_process_environment, environment, load_settings
@@ -103,4 +104,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from bench import stop_on_sigterm
 from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings
 from handler.streaming import parse_events
 from local_endpoint.harness import local_env
@@ -160,4 +161,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()
