@@ -46,6 +46,7 @@ PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 RESTART_DELAY_S = 1.0
 GROUP_SETTLE_S = 3.0  # after a worker exits, how long what it started gets to exit too
+KILLED_EXIT_S = 30.0  # how long SIGKILLed processes get to be gone (a large RAM tier to unmap)
 SHM_SCAN_S = 2.0  # how often the /dev/shm entries each worker's group holds are noted
 # ... once every worker is ready (each scan reads every group member's /proc maps, a few ms of
 # the endpoint's loop; what a worker makes while starting is noted at its first webhook call)
@@ -329,15 +330,26 @@ def _group(pgid: int) -> list[psutil.Process]:
 
 async def _reap_group(pgid: int, settle_s: float = GROUP_SETTLE_S) -> int:
     """SIGKILL what is left of an exited worker's process group after ``settle_s`` (Python's
-    resource tracker exits by itself once the worker has, after cleaning up /dev/shm); how
-    many processes were still running then."""
-    for _ in range(round(settle_s / 0.1)):
-        if not _group(pgid):
-            break
-        await asyncio.sleep(0.1)
+    resource tracker exits by itself once the worker has, after cleaning up /dev/shm), and
+    return once it is gone, so that what it mapped in /dev/shm is no longer held; how many
+    processes were still running at the kill."""
+    await _gone(pgid, settle_s)
     left = len(_group(pgid))
-    _kill_group(pgid)
+    if left:
+        _kill_group(pgid)
+        # a killed process lets go of its mappings as it exits, not when kill() returns
+        if not await _gone(pgid, KILLED_EXIT_S):
+            log.warning("process group %d still running %.0f s after SIGKILL", pgid, KILLED_EXIT_S)
     return left
+
+
+async def _gone(pgid: int, within_s: float) -> bool:
+    """Whether process group ``pgid`` has no running process, looking until ``within_s``."""
+    for _ in range(round(within_s / 0.1)):
+        if not _group(pgid):
+            return True
+        await asyncio.sleep(0.1)
+    return not _group(pgid)
 
 
 def _kill_group(pgid: int) -> None:

@@ -12,7 +12,8 @@ way a crashed engine core is noticed; a request whose last message is :data:`DIE
 this worker's id (``RUNPOD_POD_ID``) finds the engine dead (the job fails with a 503), in that
 worker only, so the same job retried on its replacement completes. ``FAKE_WORKER_SHM=1`` makes
 the worker hold POSIX shared memory and a semaphore the way multiprocessing does for vLLM, and
-print their /dev/shm names.
+start a child that maps a segment of its own and outlives the worker if it is killed, as the
+LMCache server does (:data:`CACHE_SERVER`); the worker's own /dev/shm names are printed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 from multiprocessing import shared_memory
 from typing import Any
@@ -50,6 +53,21 @@ class MortalEngine(FakeEngine):
         return reply
 
 
+# A program of its own, not a multiprocessing child: no resource tracker removes its segment
+CACHE_SERVER = """
+import mmap, os, secrets, signal, sys, time
+name = "fake_cache_pool_" + secrets.token_hex(4)
+fd = os.open("/dev/shm/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+os.ftruncate(fd, 64 << 20)
+pool = mmap.mmap(fd, 64 << 20)
+pool.write(b"kv" * (32 << 20))  # touched, as a RAM tier in use is
+heap = bytearray(b"h") * (384 << 20)  # a server's own memory: it takes a while to exit
+signal.signal(signal.SIGTERM, lambda *_: (os.unlink("/dev/shm/" + name), sys.exit(0)))
+while True:
+    time.sleep(60)
+"""
+
+
 def hold_shared_memory() -> list[Any]:
     """A shared-memory segment and a semaphore, as vLLM's processes make them (spawn context:
     the semaphore's name stays in /dev/shm, both registered with the resource tracker)."""
@@ -57,7 +75,8 @@ def hold_shared_memory() -> list[Any]:
     lock = multiprocessing.get_context("spawn").Lock()
     semaphore = "sem." + str(lock._semlock.name).lstrip("/")  # type: ignore[attr-defined]
     print(f"fake worker shared memory: {segment.name} {semaphore}", flush=True)
-    return [segment, lock]
+    server = subprocess.Popen([sys.executable, "-c", CACHE_SERVER], stdin=subprocess.DEVNULL)
+    return [segment, lock, server]
 
 
 def main() -> None:
@@ -81,6 +100,10 @@ def main() -> None:
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+    for part in held:
+        if isinstance(part, subprocess.Popen):
+            part.terminate()
+            part.wait(10)
     del held
     if watch.triggered:
         raise SystemExit(1)

@@ -182,13 +182,16 @@ def test_hits_on_a_repeated_prefix_across_workers_and_restarts(
         # worker A restarted: a new engine and LMCache server with an empty RAM tier
         old_pid = worker_a.workers()[0]["pid"]
         old_server = cache_server(worker_a)
-        os.kill(old_pid, signal.SIGKILL)
+        old_shm = {m.path for m in old_server.memory_maps() if m.path.startswith("/dev/shm/")}
+        os.kill(old_pid, signal.SIGKILL)  # the worker's own process: its engine and server live on
         worker_a.wait_for(
             lambda: worker_a.workers()[0]["pid"] != old_pid and worker_a.workers()[0]["ready"],
             "worker A to come back",
             timeout=240,
         )
         assert not old_server.is_running() or old_server.status() == psutil.STATUS_ZOMBIE
+        # the endpoint killed them, and removed the RAM tier they left in /dev/shm (if there)
+        assert [path for path in old_shm if Path(path).exists()] == []
         assert cached(ask(worker_a, doc)) == hits
         assert l2_hit_tokens(worker_a) == hits
 

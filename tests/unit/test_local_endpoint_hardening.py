@@ -4,6 +4,7 @@ real production loop in real processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -293,6 +294,41 @@ def test_a_killed_worker_groups_shared_memory_is_removed(endpoint: LocalEndpoint
     finally:
         bystander.close()
         bystander.unlink()
+
+
+def test_a_killed_workers_children_and_their_shared_memory_go_too(endpoint: LocalEndpoint) -> None:
+    """Only the worker's own process is killed (an OOM kill, say): what it started lives on,
+    holding its segment, as the engine core and the LMCache server do. The endpoint kills
+    them, and removes the segment once they are gone."""
+    victim = endpoint.workers()[0]
+    endpoint.wait_for(lambda: _cache_server_of(victim["pid"]), "its cache server's segment")
+    found = _cache_server_of(victim["pid"])
+    assert found is not None
+    server, pool = found
+    log = endpoint.log.read_text()
+    names = [*re.findall(r"fake worker shared memory: (\S+) (\S+)", log)[-1], pool]
+    shm = Path("/dev/shm")
+    assert all((shm / name).exists() for name in names)
+    os.kill(victim["pid"], signal.SIGKILL)  # the worker only
+    endpoint.wait_for(
+        lambda: endpoint.workers()[0]["starts"] == victim["starts"] + 1,
+        "the worker to be replaced",
+        timeout=30,
+    )
+    assert endpoint.workers()[0]["last_exit"]["left_behind"] >= 1  # its cache server, at least
+    assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+    assert [name for name in names if (shm / name).exists()] == []
+    endpoint.wait_for(lambda: endpoint.workers()[0]["ready"], "the replacement", timeout=30)
+
+
+def _cache_server_of(pid: int) -> tuple[psutil.Process, str] | None:
+    """The worker's fake cache server and the name of the segment it maps, once it maps it."""
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):
+            for mapped in child.memory_maps():
+                if mapped.path.startswith("/dev/shm/fake_cache_pool_"):
+                    return child, mapped.path.removeprefix("/dev/shm/")
+    return None
 
 
 # -- 10: a job failed by its worker's engine dying stays FAILED until a client retries it ---------
