@@ -8,6 +8,7 @@ from types import FrameType
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the unwind short
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -259,10 +259,11 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
         for client in clients.values():
             await client.close()
     finally:
-        for started in endpoints:
-            stop_endpoint(started)
-        for serve in serves:
-            stop_vllm_serve(serve)
+        with contextlib.ExitStack() as stopping:  # each one stopped, even if one stop fails
+            for started in endpoints:
+                stopping.callback(stop_endpoint, started)
+            for serve in serves:
+                stopping.callback(stop_vllm_serve, serve)
     marks = read_marks(traces) + read_marks(tmp)
     requests = by_request(marks)
     result: dict[str, Any] = {
