@@ -10,7 +10,8 @@ Then ``--bursts`` bursts through each path in turn (after the same settle time a
 ``bench/load.py``), short streams (``--max-tokens``) of distinct random prompts. Every request
 is tagged (``user`` for the full path, ``X-Request-Id`` for `vllm serve`), so the hops of the
 processes line up. ``--lmcache on,off`` starts both paths in both modes, all up at once, and
-sends each burst to the four in turn, so the machine's drift touches both modes alike.
+sends each burst to the four in turn, so the machine's drift touches both modes alike; each
+burst starts one path further on, so no path always runs right after the same other one.
 
 Prints, per path, each hop's median time after the client sent the request, and the median
 step from the hop before it; and each burst's spread of arrivals at the engine.
@@ -246,8 +247,12 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
                         for i in range(4)
                     )
                 )
+            names = list(clients)
             for burst in range(options.bursts):
-                for name, client in clients.items():
+                # each burst starts with the next path, so none always follows the same one
+                k = burst % len(names)
+                for name in names[k:] + names[:k]:
+                    client = clients[name]
                     await asyncio.sleep(SETTLE_S)
                     tags = [f"{prefixes[name]}{burst}-{i}e" for i in range(options.concurrency)]
                     await asyncio.gather(
