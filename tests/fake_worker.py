@@ -63,6 +63,7 @@ pool = mmap.mmap(fd, 64 << 20)
 pool.write(b"kv" * (32 << 20))  # touched, as a RAM tier in use is
 heap = bytearray(b"h") * (384 << 20)  # a server's own memory: it takes a while to exit
 signal.signal(signal.SIGTERM, lambda *_: (os.unlink("/dev/shm/" + name), sys.exit(0)))
+print(name, flush=True)
 while True:
     time.sleep(60)
 """
@@ -75,7 +76,11 @@ def hold_shared_memory() -> list[Any]:
     lock = multiprocessing.get_context("spawn").Lock()
     semaphore = "sem." + str(lock._semlock.name).lstrip("/")  # type: ignore[attr-defined]
     print(f"fake worker shared memory: {segment.name} {semaphore}", flush=True)
-    server = subprocess.Popen([sys.executable, "-c", CACHE_SERVER], stdin=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-c", CACHE_SERVER], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+    )
+    assert server.stdout is not None
+    server.stdout.readline()  # its segment is made: as the LMCache server's, before the engine
     return [segment, lock, server]
 
 
