@@ -4,7 +4,19 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from types import FrameType
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def rotated(items: Sequence[T], start: int) -> list[T]:
+    """``items`` from index ``start`` (modulo their number) round to the one before it: round
+    ``start`` of an interleaved benchmark begins one path further on, so that no path always
+    runs right after the same other one."""
+    k = start % len(items)
+    return [*items[k:], *items[:k]]
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:

@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench import stop_on_sigterm
+from bench import rotated, stop_on_sigterm
 from bench.load import (
     SETTLE_S,
     Started,
@@ -247,11 +247,8 @@ async def run(options: argparse.Namespace, env: dict[str, str], tmp: Path) -> di
                         for i in range(4)
                     )
                 )
-            names = list(clients)
             for burst in range(options.bursts):
-                # each burst starts with the next path, so none always follows the same one
-                k = burst % len(names)
-                for name in names[k:] + names[:k]:
+                for name in rotated(list(clients), burst):
                     client = clients[name]
                     await asyncio.sleep(SETTLE_S)
                     tags = [f"{prefixes[name]}{burst}-{i}e" for i in range(options.concurrency)]

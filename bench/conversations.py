@@ -62,7 +62,7 @@ from typing import Any
 
 from openai.types.chat import ChatCompletionMessageParam
 
-from bench import stop_on_sigterm
+from bench import rotated, stop_on_sigterm
 from bench.cache_ttft import documents, redis_server
 from bench.load import machine, percentile, stop_endpoint, target
 from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings
@@ -552,7 +552,7 @@ def run(env: dict[str, str], plan: Plan, system: str, warm_text: str) -> list[Sa
             for c in order
         ]
         for k, (turn, c) in enumerate(schedule):
-            for lane in lanes[k % len(lanes) :] + lanes[: k % len(lanes)]:
+            for lane in rotated(lanes, k):
                 time.sleep(plan.think_s)
                 samples.append(lane.turn(c, turn))
                 progress(len(samples), len(schedule) * len(lanes), samples[-1])

@@ -59,7 +59,7 @@ from typing import Any
 
 import psutil
 
-from bench import stop_on_sigterm
+from bench import rotated, stop_on_sigterm
 from handler.lmcache import free_port
 from handler.settings import LOCAL_ONLY, apply_process_environment, load_settings
 from local_endpoint.__main__ import KEEP_ALIVE_S
@@ -270,8 +270,7 @@ async def interleaved(
     mode = "TTFT probe" if first.probe else ("streamed" if first.streamed else "one-shot")
     what = f"{mode}, concurrency {first.concurrency}, {len(ways)} paths in turn"
     for index, start in enumerate(range(0, len(prompts), per_round)):
-        turn = index % len(ways)
-        for way in ways[turn:] + ways[:turn]:
+        for way in rotated(ways, index):
             await one_round(way, prompts[start : start + per_round], max_tokens)
         progress.update(what, start + per_round, len(prompts), len(ways))
     return [finish(way) for way in ways]

@@ -3,7 +3,7 @@ made-up cells and marks (the benchmarks themselves need engines: ``make bench``)
 
 from __future__ import annotations
 
-from bench import burst_timeline, load
+from bench import burst_timeline, load, rotated
 
 WORKER = load.WORKER
 
@@ -137,3 +137,13 @@ def test_bursts_are_paired_on_against_off_round_by_round() -> None:
         "per_burst": [20.0, 20.0, 20.0],
     }
     assert burst_timeline.paired(result, "vllm serve") is None
+
+
+def test_each_round_starts_one_path_further_on() -> None:
+    paths = ["serve", "full", "post100"]
+    assert [rotated(paths, k) for k in range(4)] == [
+        ["serve", "full", "post100"],
+        ["full", "post100", "serve"],
+        ["post100", "serve", "full"],
+        ["serve", "full", "post100"],
+    ]
